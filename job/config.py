@@ -1,0 +1,531 @@
+"""The job's configuration: dataclasses with a docstring per field, loaded and merged.
+
+Precedence, lowest first: field defaults (the seed recipe) < the YAML file
+(`--config` or `SFT_CONFIG`) < `SFT_<SECTION>__<KEY>` environment variables <
+`--set section.key=value`. Every value is converted to its field's type (YAML
+1.1 reads `1e-5` as a string) and every unknown key is an error naming the
+closest valid one. Credentials never live here: S3 and the Hub take theirs
+from the environment.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from job.errors import ConfigError
+
+ENV_PREFIX = "SFT_"
+CONFIG_ENV = "SFT_CONFIG"
+
+DTYPES = ("bfloat16", "float16", "float32")
+FORMATS = ("auto", "messages", "text")
+
+
+@dataclass
+class RunConfig:
+    name: str = "sft-run"
+    """Run name; everything the run writes goes to `<output>/<name>/`."""
+    output: str = "outputs"
+    """Where runs live: `s3://bucket/prefix` or a local directory."""
+    scratch: str = "scratch"
+    """Local working directory for pulled inputs, caches and checkpoints (a fast volume; ~250 GiB for 7B)."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.name):
+            raise ConfigError(
+                f"run.name {self.name!r} is not a valid run name",
+                hint="use letters, digits, '.', '_' or '-' (it becomes a directory and an S3 prefix)",
+            )
+        _require_nonempty("run.output", self.output)
+        _require_nonempty("run.scratch", self.scratch)
+
+
+@dataclass
+class ModelConfig:
+    source: str = "mistralai/Mistral-7B-v0.3"
+    """Base model: a Hub id, `s3://bucket/models/x/`, a local directory, or `builtin:tiny-mistral` (the CPU demo)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin; recorded in the model card."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Weight dtype. `float32` on CPU gives bitwise-reproducible runs."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off: it executes arbitrary Python."""
+    attn_implementation: str | None = None
+    """Attention kernel (`sdpa`, `eager`, `flash_attention_2`); empty lets transformers choose."""
+
+    def __post_init__(self) -> None:
+        _require_nonempty("model.source", self.source)
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    """Training data: a JSONL file or a directory/prefix of them (local path or `s3://`). Required."""
+    eval: str | None = None
+    """Evaluation data, same forms as `train`; or use `eval_fraction`."""
+    eval_fraction: float = 0.0
+    """Fraction of `train` held out for evaluation (seeded split) when `eval` is empty."""
+    format: Literal["auto", "messages", "text"] = "auto"
+    """Record format: `messages` (chat), `text` (plain), or `auto` (detected from the records)."""
+    max_length: int = 2048
+    """Tokens per example; longer examples are truncated."""
+    train_on: Literal["assistant", "all"] = "assistant"
+    """Chat data: train on assistant turns only (each with its end-of-turn token), or on every token."""
+    chat_template: str | None = None
+    """A Jinja chat template (file path or inline) replacing the tokenizer's; empty keeps the tokenizer's."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval and self.eval_fraction:
+            raise ConfigError("data.eval and data.eval_fraction are both set", hint="use one of them")
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length must be at least 8, got {self.max_length}")
+
+
+@dataclass
+class TrainConfig:
+    """The seed recipe's trainer settings. Any other `trl.SFTConfig` field may be
+    given under `train:` too; it is type-checked against SFTConfig and kept in `extra`."""
+
+    per_device_train_batch_size: int = 2
+    """Examples per micro-batch."""
+    gradient_accumulation_steps: int = 8
+    """Micro-batches per optimizer step."""
+    activation_checkpointing: bool = True
+    """Recompute activations in the backward pass: ~20% slower, far less memory (alias: gradient_checkpointing)."""
+    learning_rate: float = 5.0e-6
+    """Peak learning rate."""
+    num_train_epochs: float = 3.0
+    """Passes over the training data (`max_steps` > 0 overrides)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: use num_train_epochs)."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule (any transformers scheduler name)."""
+    warmup_steps: float = 0
+    """Warm-up steps (a value below 1 is a fraction of all steps)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    logging_steps: int = 10
+    """Log a step line every N optimizer steps."""
+    seed: int = 42
+    """Seed for weights init, data order and dropout; same seed, same run."""
+    optim: str = "adamw_torch_fused"
+    """Optimizer: any transformers optimizer name."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further `trl.SFTConfig` fields, passed through as given (internal: write them directly under `train:`)."""
+
+    def __post_init__(self) -> None:
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("train batch size and gradient_accumulation_steps must be at least 1")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"train.learning_rate must be a positive number, got {self.learning_rate}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("train.num_train_epochs must be positive when train.max_steps is not set")
+        if self.logging_steps < 1:
+            raise ConfigError(f"train.logging_steps must be at least 1, got {self.logging_steps}")
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = None
+    """S3 endpoint (MinIO, R2, Ceph...); empty: `AWS_ENDPOINT_URL_S3`, then `AWS_ENDPOINT_URL`, then AWS."""
+    region: str | None = None
+    """S3 region; empty: `AWS_REGION` / `AWS_DEFAULT_REGION` / the profile's."""
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """Bucket addressing; `path` for MinIO-like stores."""
+    checksums: Literal["when_required", "when_supported"] = "when_required"
+    """When boto3 sends/validates CRC checksums; `when_supported` is the AWS default, which some stores reject."""
+    max_attempts: int = 8
+    """Attempts per request (botocore `standard` retry mode) before exit 69."""
+    connect_timeout: float = 10.0
+    """Seconds to wait for a connection."""
+    read_timeout: float = 60.0
+    """Seconds to wait for a response."""
+    multipart_threshold_mb: int = 64
+    """Files above this size (MiB) transfer in parallel parts."""
+    multipart_chunksize_mb: int = 64
+    """Part size (MiB) of multipart transfers."""
+    max_concurrency: int = 8
+    """Parallel transfers (files and parts)."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.max_concurrency < 1:
+            raise ConfigError("storage.max_attempts and storage.max_concurrency must be at least 1")
+        if self.multipart_threshold_mb < 5 or self.multipart_chunksize_mb < 5:
+            raise ConfigError("storage multipart sizes must be at least 5 MiB (the S3 minimum part size)")
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict in the file's shape: `train.extra` is folded back under `train:`."""
+        out = dataclasses.asdict(self)
+        out["train"].update(out["train"].pop("extra"))
+        return out
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(JobConfig)}
+_SECTION_TYPES: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "storage": StorageConfig,
+}
+
+# SFTConfig fields that another section owns: naming the right key beats "unknown key".
+OWNED_ELSEWHERE: dict[str, str] = {
+    "output_dir": "run.output and run.name",
+    "max_length": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "assistant_only_loss": "data.train_on",
+    "completion_only_loss": "data.train_on",
+    "dataset_text_field": "data.format",
+    "chat_template_path": "data.chat_template",
+    "model_init_kwargs": "model.dtype / model.attn_implementation / model.trust_remote_code",
+    "bf16": "model.dtype (bf16 autocast follows the weight dtype on a GPU)",
+    "fp16": "model.dtype",
+    "tf32": "the job (it enables TF32 where the GPU supports it)",
+    "use_cpu": "the job (it runs on the GPU when one is present)",
+    "save_strategy": "the job's own checkpointing",
+    "save_steps": "the job's own checkpointing",
+    "save_total_limit": "the job's own checkpointing",
+    "resume_from_checkpoint": "the job's own resume (it restores the newest committed checkpoint)",
+    "push_to_hub": "run.output (the final model is published there)",
+    "hub_model_id": "run.output",
+    "hub_token": "the HF_TOKEN environment variable",
+    "logging_dir": "run.output",
+    "dataset_kwargs": "data.*",
+    "eval_dataset": "data.eval",
+}
+ALIASES = {"gradient_checkpointing": "activation_checkpointing"}
+
+
+# ---------------------------------------------------------------- field docs
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field (litgpt style), read from the source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, [*body[1:], None], strict=True):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def env_var_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
+def reference_rows() -> list[tuple[str, str, str, str]]:
+    """(key, default, environment variable, description) for every documented field."""
+    rows = []
+    defaults = JobConfig().to_dict()
+    for section, cls in _SECTION_TYPES.items():
+        for name, doc in field_docs(cls).items():
+            if name == "extra":
+                continue
+            default = defaults[section].get(name)
+            rows.append((f"{section}.{name}", _yaml_scalar(default), env_var_name(section, name), doc))
+    return rows
+
+
+def _yaml_scalar(value: Any) -> str:
+    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).replace("\n...", "").strip()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | None = None,
+    overrides: typing.Sequence[str] = (),
+    environ: typing.Mapping[str, str] | None = None,
+    read_text: typing.Callable[[str], str] | None = None,
+) -> JobConfig:
+    """Merge defaults < file < environment < overrides and validate the result.
+
+    `read_text` fetches a config given as a URI (e.g. `s3://`); local paths are read directly.
+    """
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(CONFIG_ENV) or None
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path:
+        layers.append((f"config file {path}", _read_file_layer(path, read_text)))
+    layers.append(("environment", _env_layer(environ)))
+    layers.append(("--set", _overrides_layer(overrides)))
+
+    merged: dict[str, dict[str, Any]] = {name: {} for name in _SECTION_TYPES}
+    for origin, layer in layers:
+        for section, values in layer.items():
+            _check_section(section, origin)
+            if not isinstance(values, dict):
+                raise ConfigError(f"{origin}: section '{section}' must be a mapping, got {type(values).__name__}")
+            for key, value in values.items():
+                merged[section][_canonical_key(section, str(key), origin)] = value
+    return build_config(merged)
+
+
+def build_config(raw: dict[str, dict[str, Any]]) -> JobConfig:
+    """Typed, validated JobConfig from a {section: {key: value}} dict."""
+    sections = {}
+    for section, cls in _SECTION_TYPES.items():
+        values = dict(raw.get(section) or {})
+        if section == "train":
+            values = _split_train_extra(values)
+        hints = typing.get_type_hints(cls)
+        kwargs = {key: coerce(value, hints[key], f"{section}.{key}") for key, value in values.items()}
+        sections[section] = cls(**kwargs)
+    config = JobConfig(**sections)
+    if not config.data.train:
+        raise ConfigError(
+            "data.train is not set", hint="set data.train to a JSONL file or directory (or SFT_DATA__TRAIN)"
+        )
+    return config
+
+
+def _read_file_layer(path: str, read_text: typing.Callable[[str], str] | None) -> dict[str, Any]:
+    if "://" in path and not path.startswith("file://"):
+        if read_text is None:
+            raise ConfigError(f"cannot read config from {path}: no reader for that scheme")
+        text = read_text(path)
+    else:
+        local = Path(path.removeprefix("file://"))
+        if not local.is_file():
+            raise ConfigError(f"config file {path} does not exist", hint="check --config / SFT_CONFIG")
+        text = local.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _env_layer(environ: typing.Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    layer: dict[str, dict[str, Any]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].partition("__")
+        _check_section(section.lower(), f"environment variable {name}")
+        layer.setdefault(section.lower(), {})[key.lower()] = _parse_scalar(value)
+    return layer
+
+
+def _overrides_layer(overrides: typing.Sequence[str]) -> dict[str, dict[str, Any]]:
+    layer: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        section, dot, key = dotted.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"--set {item!r} is not of the form section.key=value", hint="e.g. train.seed=1")
+        _check_section(section, f"--set {item}")
+        layer.setdefault(section, {})[key] = _parse_scalar(value)
+    return layer
+
+
+def _parse_scalar(text: str) -> Any:
+    """Environment and --set values are YAML scalars (or flow lists/maps)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def _check_section(section: str, origin: str) -> None:
+    if section not in _SECTION_TYPES:
+        raise ConfigError(f"{origin}: unknown section '{section}'{_suggest(section, _SECTION_TYPES)}")
+
+
+def _canonical_key(section: str, key: str, origin: str) -> str:
+    if section == "train":
+        key = ALIASES.get(key, key)
+        if key in OWNED_ELSEWHERE:
+            raise ConfigError(f"{origin}: train.{key} is set by {OWNED_ELSEWHERE[key]}, not under train:")
+        if key == "extra" or (key not in _field_names(TrainConfig) and key not in sft_config_fields()):
+            valid = (_field_names(TrainConfig) - {"extra"}) | set(sft_config_fields())
+            raise ConfigError(f"{origin}: unknown key 'train.{key}'{_suggest(key, valid)}")
+        return key
+    fields = _field_names(_SECTION_TYPES[section])
+    if key not in fields:
+        raise ConfigError(f"{origin}: unknown key '{section}.{key}'{_suggest(key, fields)}")
+    return key
+
+
+def _split_train_extra(values: dict[str, Any]) -> dict[str, Any]:
+    own = _field_names(TrainConfig)
+    extra = {k: v for k, v in values.items() if k not in own}
+    kept = {k: v for k, v in values.items() if k in own}
+    kept["extra"] = {k: coerce(v, sft_config_fields()[k], f"train.{k}") for k, v in sorted(extra.items())}
+    return kept
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+@cache
+def sft_config_fields() -> dict[str, Any]:
+    """SFTConfig field name -> type, resolved lazily (importing trl costs seconds)."""
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def _suggest(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ---------------------------------------------------------------- type conversion
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert `value` to the type `hint`, or raise ConfigError naming `key`."""
+    try:
+        return _coerce(value, hint)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot use {value!r}: {exc}") from None
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any or hint is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        is_null = value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none"))
+        if is_null and type(None) in args:
+            return None
+        errors = []
+        for arg in sorted((a for a in args if a is not type(None)), key=_union_order):
+            try:
+                return _coerce(value, arg)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors) or "null is not allowed")
+    if origin is Literal:
+        text = value.value if isinstance(value, Enum) else value
+        if text not in args:
+            raise ValueError(f"expected one of {', '.join(map(str, args))}")
+        return text
+    if value is None:
+        raise ValueError("a value is required (null given)")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError("expected true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer, got a boolean")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            number = float(value.strip().replace("_", ""))
+            if number.is_integer():
+                return int(number)
+        raise ValueError("expected an integer")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            number = float(value.strip().replace("_", ""))
+            if not math.isfinite(number):
+                raise ValueError("expected a finite number")
+            return number
+        raise ValueError("expected a number")
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError("expected a string")
+        return value.value if isinstance(value, Enum) else str(value)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return hint(value.value if isinstance(value, Enum) else value).value
+    if origin in (list, tuple) or hint in (list, tuple):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        inner = args[0] if args else Any
+        return [_coerce(item, inner) for item in items]
+    if origin is dict or hint is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping")
+        return dict(value)
+    return value
+
+
+def _union_order(arg: Any) -> int:
+    """Try strict types before `str`, which would accept anything."""
+    return {bool: 0, int: 1, float: 2}.get(arg, 5 if arg is str else 3)
+
+
+def _require_nonempty(key: str, value: str | None) -> None:
+    if not value or not str(value).strip():
+        raise ConfigError(f"{key} is empty", hint=f"set {key}")
+
+
+# ---------------------------------------------------------------- output
+
+
+SECRET_PATTERN = re.compile(r"(secret|token|password|credential|access_key|session_key)", re.IGNORECASE)
+
+
+def redacted(data: Any) -> Any:
+    """A copy safe to log: values under secret-looking keys are replaced."""
+    if isinstance(data, dict):
+        return {
+            k: ("***" if SECRET_PATTERN.search(str(k)) and v not in (None, "") else redacted(v))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [redacted(v) for v in data]
+    return data
+
+
+def to_yaml(config: JobConfig) -> str:
+    return yaml.safe_dump(redacted(config.to_dict()), sort_keys=False, allow_unicode=True)
