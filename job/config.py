@@ -144,6 +144,24 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    """Save a checkpoint every N optimizer steps."""
+    every_minutes: float = 30.0
+    """...and at least every M minutes of training, whichever comes first."""
+    keep: int = 2
+    """Committed checkpoints kept in the store; older ones are deleted after a newer one commits."""
+    grace_seconds: float = 25.0
+    """Seconds the job may spend after SIGTERM; keep it below what the platform really gives."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or self.keep < 1:
+            raise ConfigError("checkpoint.every_steps and checkpoint.keep must be at least 1")
+        if self.every_minutes <= 0 or self.grace_seconds < 0:
+            raise ConfigError("checkpoint.every_minutes must be positive and checkpoint.grace_seconds not negative")
+
+
+@dataclass
 class StorageConfig:
     endpoint_url: str | None = None
     """S3 endpoint (MinIO, R2, Ceph...); empty: `AWS_ENDPOINT_URL_S3`, then `AWS_ENDPOINT_URL`, then AWS."""
@@ -179,6 +197,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +213,7 @@ _SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
     "storage": StorageConfig,
 }
 
@@ -211,9 +231,9 @@ OWNED_ELSEWHERE: dict[str, str] = {
     "fp16": "model.dtype",
     "tf32": "the job (it enables TF32 where the GPU supports it)",
     "use_cpu": "the job (it runs on the GPU when one is present)",
-    "save_strategy": "the job's own checkpointing",
-    "save_steps": "the job's own checkpointing",
-    "save_total_limit": "the job's own checkpointing",
+    "save_strategy": "checkpoint.every_steps / checkpoint.every_minutes",
+    "save_steps": "checkpoint.every_steps",
+    "save_total_limit": "checkpoint.keep",
     "resume_from_checkpoint": "the job's own resume (it restores the newest committed checkpoint)",
     "push_to_hub": "run.output (the final model is published there)",
     "hub_model_id": "run.output",
