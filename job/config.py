@@ -44,6 +44,8 @@ class RunConfig:
     """Where runs live: `s3://bucket/prefix` or a local directory."""
     scratch: str = "scratch"
     """Local working directory for pulled inputs, caches and checkpoints (a fast volume; ~250 GiB for 7B)."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors shard in `final/` (transformers v5 would default to 50GB)."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.name):
@@ -183,12 +185,28 @@ class StorageConfig:
     """Part size (MiB) of multipart transfers."""
     max_concurrency: int = 8
     """Parallel transfers (files and parts)."""
+    verify_etag: bool = True
+    """After a push, compare each object's ETag with the MD5 computed locally (skipped for SSE-KMS/SSE-C
+    objects, whose ETags are not MD5s); turn off for stores whose ETags are not MD5-based."""
+    progress_interval_seconds: float = 10.0
+    """Seconds between progress lines (bytes done, MB/s, ETA) of a pull or push larger than a few MB."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.max_concurrency < 1:
             raise ConfigError("storage.max_attempts and storage.max_concurrency must be at least 1")
         if self.multipart_threshold_mb < 5 or self.multipart_chunksize_mb < 5:
             raise ConfigError("storage multipart sizes must be at least 5 MiB (the S3 minimum part size)")
+        if self.multipart_chunksize_mb > 5 * 1024:
+            raise ConfigError("storage.multipart_chunksize_mb must be at most 5120 (the S3 maximum part size)")
+        if self.connect_timeout <= 0 or self.read_timeout <= 0:
+            raise ConfigError("storage.connect_timeout and storage.read_timeout must be positive")
+        if self.progress_interval_seconds <= 0:
+            raise ConfigError("storage.progress_interval_seconds must be positive")
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"storage.endpoint_url {self.endpoint_url!r} is not an http(s) URL",
+                hint="e.g. http://minio.storage.svc:9000",
+            )
 
 
 @dataclass

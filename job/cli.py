@@ -1,0 +1,166 @@
+"""Command line: parse, load the config, call `job.run`, and map errors to exit codes (here only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from job.config import JobConfig, load_config, reference_rows, to_yaml
+from job.errors import UNEXPECTED_EXIT_CODE, ConfigError, JobError, Preempted
+from job.logs import bind_run, get_logger, setup_logging
+
+log = get_logger("job.cli")
+
+ENVIRONMENT_HELP = """\b
+Environment:
+  SFT_CONFIG               config file (path or s3:// URI) when --config is not given
+  SFT_<SECTION>__<KEY>     any config value, e.g. SFT_TRAIN__LEARNING_RATE=1e-5
+                           (precedence: defaults < file < environment < --set)
+  AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...
+                           S3 settings where the storage section leaves them empty
+  HF_TOKEN                 Hub token for gated base models (never logged)
+  SFT_LOG_FORMAT           json | console (default: json unless stderr is a terminal)
+  SFT_LOG_LEVEL            DEBUG | INFO | WARNING (default INFO)
+
+Every config key, its default and its variable: `python entrypoint.py config --reference`.
+"""
+
+
+def config_options(command: Callable) -> Callable:
+    command = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="SECTION.KEY=VALUE",
+        help="Override one config value (repeatable); wins over the file and the environment.",
+    )(command)
+    return click.option(
+        "--config",
+        "config_path",
+        metavar="FILE",
+        help="YAML config file, local path or s3:// URI (default: $SFT_CONFIG).",
+    )(command)
+
+
+@click.group(epilog=ENVIRONMENT_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sft-job")
+def cli() -> None:
+    """sft-job: full-parameter supervised fine-tuning as a preemptible batch job.
+
+    Exit codes: 0 done, 64 bad config, 65 bad data, 66 input not found, 69 storage
+    unreachable, 70 training failed (not retryable), 75 preempted (retry), 77 access denied,
+    1 unexpected.
+    """
+
+
+@cli.command(epilog=ENVIRONMENT_HELP)
+@config_options
+def train(config_path: str | None, overrides: tuple[str, ...]) -> int:
+    """Train and publish the final model to <run.output>/<run.name>/final/.
+
+    A run whose final output is already committed exits 0 at once.
+    """
+
+    def action(config: JobConfig) -> int:
+        from job.run import train as run_train
+
+        run_train(config)
+        return 0
+
+    return _execute(config_path, overrides, action)
+
+
+@cli.command(epilog=ENVIRONMENT_HELP)
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool) -> int:
+    """Check the config and every data record (file:line on errors); loads no weights, trains nothing."""
+
+    def action(config: JobConfig) -> int:
+        from job.run import validate as run_validate
+
+        report = run_validate(config)
+        if as_json:
+            click.echo(json.dumps(report, indent=2, sort_keys=True))
+        else:
+            click.echo("\n".join(f"{key}: {value}" for key, value in report.items()))
+        return 0
+
+    return _execute(config_path, overrides, action)
+
+
+@cli.command(name="config", epilog=ENVIRONMENT_HELP)
+@config_options
+@click.option("--reference", is_flag=True, help="Print every key with its default and variable (Markdown).")
+def show_config(config_path: str | None, overrides: tuple[str, ...], reference: bool) -> int:
+    """Print the resolved config (credentials redacted), or the reference of all keys."""
+    if reference:
+        click.echo(config_reference_markdown())
+        return 0
+
+    def action(config: JobConfig) -> int:
+        click.echo(to_yaml(config), nl=False)
+        return 0
+
+    return _execute(config_path, overrides, action)
+
+
+def config_reference_markdown() -> str:
+    lines = ["| key | default | environment variable | meaning |", "|---|---|---|---|"]
+    for key, default, env, doc in reference_rows():
+        lines.append(f"| `{key}` | `{default}` | `{env}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def _execute(config_path: str | None, overrides: tuple[str, ...], action: Callable[[JobConfig], int]) -> int:
+    """Load the config and run `action`, turning every failure into its exit code."""
+    try:
+        config = load_config(config_path, overrides, read_text=_read_remote_config)
+        bind_run(run=config.run.name)
+        return action(config)
+    except JobError as exc:
+        log.error(
+            "job_failed",
+            exit_code=exc.exit_code,
+            error_type=type(exc).__name__,
+            error=exc.message,
+            hint=exc.hint,
+            retryable=exc.retryable,
+        )
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted", exit_code=Preempted.exit_code)
+        return Preempted.exit_code
+    except Exception:
+        log.exception("unexpected_error", exit_code=UNEXPECTED_EXIT_CODE)
+        return UNEXPECTED_EXIT_CODE
+
+
+def _read_remote_config(uri: str) -> str:
+    """An s3:// config is fetched with the environment's storage settings alone."""
+    from job.storage import read_text
+
+    return read_text(uri)
+
+
+def main(argv: list[str] | None = None) -> None:
+    log_format = os.environ.get("SFT_LOG_FORMAT", "").lower()
+    setup_logging(json_mode={"json": True, "console": False}.get(log_format))
+    try:
+        code: Any = cli.main(args=argv, prog_name="entrypoint.py", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.UsageError as exc:
+        exc.show()
+        code = ConfigError.exit_code  # usage errors are configuration errors (64), not click's 2
+    except click.ClickException as exc:
+        exc.show()
+        code = ConfigError.exit_code
+    except click.Abort:
+        code = Preempted.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

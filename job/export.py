@@ -1,0 +1,57 @@
+"""Publish the final model: sharded safetensors, tokenizer, card, metrics, then the manifest.
+
+Files are staged in scratch and pushed to `<run>/final/`; `MANIFEST.json` goes
+last and is the commit point. Nothing pickled is ever published.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from job.errors import JobError
+from job.logs import get_logger
+from job.manifest import Manifest
+from job.storage import Store
+
+log = get_logger(__name__)
+
+FINAL_PREFIX = "final"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def stage_final(
+    staging: Path,
+    model: Any,
+    tokenizer: Any,
+    *,
+    max_shard_size: str,
+    card: str,
+    metrics: dict[str, Any],
+) -> Path:
+    """Write everything `final/` holds into a fresh `staging` directory."""
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.config.use_cache = True  # training turns the KV cache off; inference wants it back
+    model.save_pretrained(staging, max_shard_size=max_shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise JobError(f"refusing to publish pickle files: {pickles}")
+    return staging
+
+
+def publish_final(run_store: Store, staging: Path) -> Manifest:
+    """Push the staged directory to `final/`, manifest last."""
+    manifest = run_store.push_directory(staging, FINAL_PREFIX, meta={"kind": "final"})
+    log.info(
+        "final_published",
+        uri=f"{run_store.uri}/{FINAL_PREFIX}",
+        files=len(manifest.files),
+        total_bytes=manifest.total_bytes,
+    )
+    return manifest

@@ -1,0 +1,114 @@
+"""Structured logs: one pipeline for our lines and for transformers/TRL/datasets/accelerate.
+
+JSON lines when stderr is not a terminal (containers, CI), readable console
+lines on a terminal. Logs go to stderr so that `--json` results on stdout stay
+machine-readable. Every line carries the run name once it is bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+import structlog
+
+THIRD_PARTY_LOGGERS = ("transformers", "trl", "datasets", "accelerate", "huggingface_hub", "torch", "botocore", "boto3")
+
+_configured = False
+# Tracebacks as structured JSON, without local variables: locals can hold credentials.
+_JSON_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
+def setup_logging(*, json_mode: bool | None = None, level: str | None = None) -> None:
+    """Configure structlog and route the standard library's loggers through it (idempotent)."""
+    global _configured
+    json_mode = (not sys.stderr.isatty()) if json_mode is None else json_mode
+    level_name = (level or os.environ.get("SFT_LOG_LEVEL") or "INFO").upper()
+
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer(default=str)
+        if json_mode
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _JSON_TRACEBACKS if json_mode else _identity,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level_name)
+
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    logging.captureWarnings(True)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="job")
+    _bridge_third_party(json_mode, level_name)
+    _configured = True
+
+
+def _identity(_logger: Any, _name: str, event: dict) -> dict:
+    return event
+
+
+def _bridge_third_party(json_mode: bool, level_name: str) -> None:
+    """Make library loggers propagate to our root handler instead of printing their own way."""
+    # Library INFO lines are chatty; keep them at WARNING unless we debug.
+    library_level = logging.DEBUG if level_name == "DEBUG" else logging.WARNING
+    for name in THIRD_PARTY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
+        logger.setLevel(library_level)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_default_handler()
+        transformers.utils.logging.enable_propagation()
+        transformers.utils.logging.set_verbosity(library_level)
+        if json_mode:
+            transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+    try:
+        import datasets
+
+        datasets.utils.logging.disable_propagation()  # reset, then route through root
+        datasets.utils.logging.get_logger().handlers = []
+        datasets.utils.logging.enable_propagation()
+        datasets.utils.logging.set_verbosity(library_level)
+        if json_mode:
+            datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+    if json_mode:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def bind_run(**fields: Any) -> None:
+    """Fields (e.g. run=name) carried by every following line, ours and the libraries'."""
+    structlog.contextvars.bind_contextvars(**fields)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)

@@ -1,0 +1,206 @@
+"""Assemble TRL's SFTConfig and SFTTrainer from the job's config, with our callbacks.
+
+The dataset arrives tokenized, with labels already masked (see `masking`), so
+TRL's own preparation is skipped and its collator only pads (labels with
+-100, by length: padding never trains and a real EOS is never masked).
+`JobTrainer` records each optimizer step's loss and trained-token count
+itself, since Trainer's logged loss averages a whole logging window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from trl import SFTConfig, SFTTrainer
+
+from job.config import JobConfig
+from job.errors import ConfigError, TrainingFailed
+from job.logs import get_logger
+from job.masking import IGNORE_INDEX
+
+log = get_logger(__name__)
+
+
+def detect_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_eval: bool) -> SFTConfig:
+    """SFTConfig from the `train:` section plus the fields the job owns."""
+    train = config.train
+    on_gpu = device == "cuda"
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": train.per_device_train_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "activation_checkpointing": train.activation_checkpointing,
+        "learning_rate": train.learning_rate,
+        "num_train_epochs": train.num_train_epochs,
+        "max_steps": train.max_steps,
+        "lr_scheduler_type": train.lr_scheduler_type,
+        "warmup_steps": train.warmup_steps,
+        "weight_decay": train.weight_decay,
+        "max_grad_norm": train.max_grad_norm,
+        "logging_steps": train.logging_steps,
+        "seed": train.seed,
+        "data_seed": train.seed,
+        "optim": train.optim,
+        # bf16 autocast follows the weights: on CPU it would silently change float32 results.
+        "bf16": on_gpu and config.model.dtype == "bfloat16",
+        "fp16": on_gpu and config.model.dtype == "float16",
+        "use_cpu": not on_gpu,
+        "max_length": config.data.max_length,
+        "packing": False,
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "eval_strategy": "no",
+        "per_device_eval_batch_size": train.per_device_train_batch_size,
+        "dataloader_num_workers": 0,
+    }
+    kwargs.update(train.extra)
+    if not has_eval and kwargs.get("eval_strategy") not in (None, "no"):
+        raise ConfigError("train.eval_strategy is set but there is no evaluation data", hint="set data.eval")
+    try:
+        args = SFTConfig(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"the train: section is not a valid SFTConfig: {exc}") from None
+    if config.model.dtype == "float32" and (args.bf16 or args.fp16):
+        raise ConfigError("model.dtype float32 with bf16/fp16 autocast would not be a float32 run")
+    return args
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    tokens: int
+    """Trained (label != -100) tokens in this optimizer step."""
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    seconds: float = 0.0
+
+
+class JobTrainer(SFTTrainer):
+    """SFTTrainer that accumulates each optimizer step's loss and trained tokens."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending_loss = 0.0
+        self.pending_tokens = 0
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        labels = inputs.get("labels")
+        if labels is not None:
+            # The first position of each sequence predicts nothing (labels shift by one).
+            self.pending_tokens += int((labels[..., 1:] != IGNORE_INDEX).sum())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.pending_loss += float(loss)
+        return loss
+
+
+@dataclass
+class StepMetrics(TrainerCallback):
+    """Per-step records and the step log lines (step, loss, lr, grad norm, tokens/s, elapsed, ETA)."""
+
+    trainer: JobTrainer | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    first_step: int | None = None
+    _window_tokens: int = 0
+    _window_started: float = field(default_factory=time.monotonic)
+    _last_step_time: float = field(default_factory=time.monotonic)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = self._window_started = self._last_step_time = time.monotonic()
+        self.first_step = state.global_step
+        log.info("training_started", max_steps=state.max_steps, start_step=state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        assert self.trainer is not None
+        now = time.monotonic()
+        record = StepRecord(
+            step=state.global_step,
+            loss=self.trainer.pending_loss,
+            tokens=self.trainer.pending_tokens,
+            seconds=now - self._last_step_time,
+        )
+        self.trainer.pending_loss, self.trainer.pending_tokens = 0.0, 0
+        self._last_step_time = now
+        self._window_tokens += record.tokens
+        self.steps.append(record)
+        if not math.isfinite(record.loss):
+            raise TrainingFailed(f"loss is {record.loss} at step {record.step}", hint="lower the learning rate")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "loss" not in logs or not self.steps:
+            if "eval_loss" in logs:
+                log.info("eval", step=state.global_step, eval_loss=logs["eval_loss"])
+            return
+        now = time.monotonic()
+        last = self.steps[-1]
+        last.learning_rate, last.grad_norm = logs.get("learning_rate"), logs.get("grad_norm")
+        done = state.global_step - (self.first_step or 0)
+        elapsed = now - self.started
+        remaining = max(state.max_steps - state.global_step, 0)
+        window = max(now - self._window_started, 1e-9)
+        log.info(
+            "step",
+            step=state.global_step,
+            max_steps=state.max_steps,
+            epoch=round(state.epoch or 0.0, 4),
+            loss=round(last.loss, 6),
+            learning_rate=logs.get("learning_rate"),
+            grad_norm=logs.get("grad_norm"),
+            tokens_per_second=round(self._window_tokens / window, 1),
+            elapsed_seconds=round(elapsed, 1),
+            eta_seconds=round(elapsed / done * remaining, 1) if done else None,
+        )
+        self._window_tokens, self._window_started = 0, now
+
+    def summary(self) -> dict[str, Any]:
+        trained_tokens = sum(record.tokens for record in self.steps)
+        seconds = time.monotonic() - self.started
+        return {
+            "steps": len(self.steps),
+            "final_step": self.steps[-1].step if self.steps else None,
+            "final_loss": self.steps[-1].loss if self.steps else None,
+            "trained_tokens": trained_tokens,
+            "train_seconds": round(seconds, 3),
+            "tokens_per_second": round(trained_tokens / seconds, 2) if seconds > 0 else None,
+        }
+
+
+def build_trainer(
+    config: JobConfig,
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    eval_dataset: Any | None,
+    output_dir: Path,
+    device: str,
+) -> tuple[JobTrainer, StepMetrics]:
+    args = build_sft_config(config, output_dir, device, has_eval=eval_dataset is not None)
+    metrics = StepMetrics()
+    trainer = JobTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=[metrics],
+    )
+    metrics.trainer = trainer
+    # Our step lines replace Trainer's printed dicts and progress bars.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer, metrics
