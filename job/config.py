@@ -225,8 +225,7 @@ class JobConfig:
         return out
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(JobConfig)}
-_SECTION_TYPES: dict[str, type] = {
+SECTION_TYPES: dict[str, type] = {
     "run": RunConfig,
     "model": ModelConfig,
     "data": DataConfig,
@@ -292,7 +291,7 @@ def reference_rows() -> list[tuple[str, str, str, str]]:
     """(key, default, environment variable, description) for every documented field."""
     rows = []
     defaults = JobConfig().to_dict()
-    for section, cls in _SECTION_TYPES.items():
+    for section, cls in SECTION_TYPES.items():
         for name, doc in field_docs(cls).items():
             if name == "extra":
                 continue
@@ -326,7 +325,7 @@ def load_config(
     layers.append(("environment", _env_layer(environ)))
     layers.append(("--set", _overrides_layer(overrides)))
 
-    merged: dict[str, dict[str, Any]] = {name: {} for name in _SECTION_TYPES}
+    merged: dict[str, dict[str, Any]] = {name: {} for name in SECTION_TYPES}
     for origin, layer in layers:
         for section, values in layer.items():
             _check_section(section, origin)
@@ -340,7 +339,7 @@ def load_config(
 def build_config(raw: dict[str, dict[str, Any]]) -> JobConfig:
     """Typed, validated JobConfig from a {section: {key: value}} dict."""
     sections = {}
-    for section, cls in _SECTION_TYPES.items():
+    for section, cls in SECTION_TYPES.items():
         values = dict(raw.get(section) or {})
         if section == "train":
             values = _split_train_extra(values)
@@ -408,8 +407,8 @@ def _parse_scalar(text: str) -> Any:
 
 
 def _check_section(section: str, origin: str) -> None:
-    if section not in _SECTION_TYPES:
-        raise ConfigError(f"{origin}: unknown section '{section}'{_suggest(section, _SECTION_TYPES)}")
+    if section not in SECTION_TYPES:
+        raise ConfigError(f"{origin}: unknown section '{section}'{_suggest(section, SECTION_TYPES)}")
 
 
 def _canonical_key(section: str, key: str, origin: str) -> str:
@@ -421,7 +420,7 @@ def _canonical_key(section: str, key: str, origin: str) -> str:
             valid = (_field_names(TrainConfig) - {"extra"}) | set(sft_config_fields())
             raise ConfigError(f"{origin}: unknown key 'train.{key}'{_suggest(key, valid)}")
         return key
-    fields = _field_names(_SECTION_TYPES[section])
+    fields = _field_names(SECTION_TYPES[section])
     if key not in fields:
         raise ConfigError(f"{origin}: unknown key '{section}.{key}'{_suggest(key, fields)}")
     return key

@@ -35,6 +35,12 @@ class AlreadyExists(JobError):
     exit_code = 1
 
 
+class ETagMismatch(JobError):
+    """A conditional replace found the object changed (or gone) since its ETag was read."""
+
+    exit_code = 1
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -84,8 +90,20 @@ class Store(ABC):
         """The object's content; InputNotFound when absent."""
 
     @abstractmethod
-    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        """Write atomically; with `if_absent`, raise AlreadyExists instead of replacing."""
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> str | None:
+        """Write atomically and return the new ETag; with `if_absent`, raise AlreadyExists instead of replacing."""
+
+    def read_bytes_with_etag(self, key: str) -> tuple[bytes, str]:
+        """The object's content and ETag (for a later `write_bytes_if_match`); InputNotFound when absent."""
+        raise NotImplementedError
+
+    def write_bytes_if_match(self, key: str, data: bytes, etag: str) -> str:
+        """Replace `key` only if its ETag is still `etag`; return the new ETag, or raise ETagMismatch."""
+        raise NotImplementedError
+
+    def abort_incomplete_uploads(self, prefix: str = "") -> int:
+        """Clean up what crashed uploads under `prefix` left behind; return how many were removed."""
+        return 0
 
     @abstractmethod
     def upload_file(self, source: Path, key: str) -> None:
@@ -123,21 +141,56 @@ class Store(ABC):
             info = self.stat(join_key(prefix, entry.name))
             if info is None or info.size != entry.size:
                 raise JobError(f"upload of {entry.name} to {self.uri}/{prefix} did not verify (size differs)")
-        self.write_bytes(join_key(prefix, MANIFEST_NAME), manifest.to_json(), if_absent=True)
+        commit_manifest(self, prefix, manifest)
         return manifest
 
     def pull(self, destination: Path, prefix: str = "") -> list[Path]:
         """Download every object under `prefix` into `destination`, keeping relative paths."""
         paths = []
-        for info in self.list(prefix):
-            relative = info.key[len(prefix) :].lstrip("/") if prefix else info.key
-            if info.key.endswith("/"):
-                continue  # zero-byte "directory" markers made by consoles
-            target = destination / safe_relative_path(relative)
+        for info, relative in plan_pull(self.list(prefix), prefix):
+            target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             self.download_file(info.key, target)
             paths.append(target)
         return paths
+
+
+def commit_manifest(store: Store, prefix: str, manifest: Manifest) -> None:
+    """Write the manifest, the commit point, only if no other writer committed first."""
+    try:
+        store.write_bytes(join_key(prefix, MANIFEST_NAME), manifest.to_json(), if_absent=True)
+    except AlreadyExists:
+        raise AlreadyCommitted(f"{store.uri}/{prefix} was committed by another writer meanwhile") from None
+
+
+def plan_pull(objects: list[ObjectInfo], prefix: str) -> list[tuple[ObjectInfo, PurePosixPath]]:
+    """Each object under `prefix` with its safe relative path, every key checked before anything is written.
+
+    Zero-byte `dir/` markers (made by consoles) are skipped; a key that would escape the destination, or
+    that needs a path both as a file and as a directory, stops the pull with a DataError naming it.
+    """
+    plan: list[tuple[ObjectInfo, PurePosixPath]] = []
+    prefix = prefix.strip("/")
+    for info in objects:
+        relative = info.key[len(prefix) + 1 :] if prefix else info.key  # "p//x" keeps its "/": refused
+        if info.key.endswith("/"):
+            if info.size:
+                raise DataError(f"refusing object key {info.key!r}: a non-empty object named like a directory")
+            continue
+        plan.append((info, safe_relative_path(relative)))
+    files = {path: info.key for info, path in plan}
+    for info, path in plan:
+        for parent in path.parents:
+            if parent in files:
+                raise DataError(f"object keys {files[parent]!r} and {info.key!r} need {parent} as file and directory")
+    return plan
+
+
+def delete_order(keys: list[str]) -> list[list[str]]:
+    """Manifests first, then the rest: a crash mid-delete never leaves a committed but incomplete prefix."""
+    manifests = [key for key in keys if key.rsplit("/", 1)[-1] == MANIFEST_NAME]
+    rest = [key for key in keys if key.rsplit("/", 1)[-1] != MANIFEST_NAME]
+    return [batch for batch in (manifests, rest) if batch]
 
 
 def copy_atomically(source: Path, destination: Path) -> None:

@@ -1,0 +1,239 @@
+"""Parallel directory transfers for S3: push a directory with its manifest, pull a prefix with skips.
+
+Both go through one s3transfer manager per call, so files and their multipart parts share
+`storage.max_concurrency` threads. A push hashes each file (sha256 for the manifest, MD5 for
+the expected ETag) while it uploads, verifies what the store holds, then commits the manifest.
+A pull remembers each file's size and ETag in a small record inside its destination, so a
+restarted container with the same scratch volume does not download unchanged files again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import ChunksizeAdjuster
+
+from job.errors import JobError
+from job.manifest import MANIFEST_NAME, FileEntry, Manifest
+from job.storage.base import AlreadyCommitted, ObjectInfo, commit_manifest, join_key, plan_pull, safe_relative_path
+from job.storage.progress import Progress
+from job.storage.s3_client import translate_errors
+
+if TYPE_CHECKING:
+    from job.storage.s3 import S3Store
+
+log = structlog.get_logger(__name__)
+
+PULL_RECORD = ".sft-pull.json"
+_BLOCK = 8 * 1024 * 1024
+_SSE_WITHOUT_MD5_ETAG = {"aws:kms", "aws:kms:dsse"}
+
+
+class _Subscriber(BaseSubscriber):
+    """Feeds s3transfer's callbacks into our progress, and tells it what we already know of an object."""
+
+    def __init__(
+        self,
+        progress: Progress,
+        size: int | None = None,
+        etag: str | None = None,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        self._progress, self._size, self._etag, self._on_done = progress, size, etag, on_done
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        if self._size is not None:
+            future.meta.provide_transfer_size(self._size)
+        if self._etag is not None:
+            future.meta.provide_object_etag(f'"{self._etag}"')  # no HEAD; GETs use IfMatch: the listed version or 412
+
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self._progress.add(bytes_transferred)
+
+    def on_done(self, future: Any, **kwargs: Any) -> None:
+        if self._on_done is not None:
+            try:
+                future.result()
+            except BaseException:  # the caller sees the error through its own result() call
+                return
+            self._on_done()
+
+
+def hash_file(path: Path, threshold: int, chunksize: int) -> tuple[int, str, str]:
+    """(size, sha256, the ETag S3 computes) in one read; the ETag follows s3transfer's part sizes."""
+    size = path.stat().st_size
+    multipart = size >= threshold
+    part_size = ChunksizeAdjuster().adjust_chunksize(chunksize, size) if multipart else 0
+    sha, whole, part = hashlib.sha256(), hashlib.md5(usedforsecurity=False), hashlib.md5(usedforsecurity=False)
+    parts: list[bytes] = []
+    in_part = 0
+    with path.open("rb") as handle:
+        while block := handle.read(min(_BLOCK, part_size - in_part) if multipart else _BLOCK):
+            sha.update(block)
+            if not multipart:
+                whole.update(block)
+                continue
+            part.update(block)
+            in_part += len(block)
+            if in_part == part_size:
+                parts.append(part.digest())
+                part, in_part = hashlib.md5(usedforsecurity=False), 0
+    if not multipart:
+        return size, sha.hexdigest(), whole.hexdigest()
+    if in_part or not parts:
+        parts.append(part.digest())
+    return size, sha.hexdigest(), f"{hashlib.md5(b''.join(parts), usedforsecurity=False).hexdigest()}-{len(parts)}"
+
+
+def push_directory(store: S3Store, source: Path, prefix: str, meta: dict | None) -> Manifest:
+    uri = store.uri_of(prefix)
+    if store.is_committed(prefix):
+        raise AlreadyCommitted(f"{uri} is already committed; it is never overwritten")
+    files = sorted(p for p in source.rglob("*") if p.is_file() and p.relative_to(source).as_posix() != MANIFEST_NAME)
+    names = [p.relative_to(source).as_posix() for p in files]
+    transfer = store.connection.transfer
+    total = sum(p.stat().st_size for p in files)
+    hashers = ThreadPoolExecutor(max_workers=min(4, max(1, len(files))), thread_name_prefix="storage-hash")
+    try:
+        with Progress("push", uri, total, store.settings.progress_interval_seconds, files=len(files)) as progress:
+            sizes = (transfer.multipart_threshold, transfer.multipart_chunksize)
+            hashes = [hashers.submit(hash_file, path, *sizes) for path in files]
+            subscribers = [_Subscriber(progress)]
+            with translate_errors(uri, store.connection), store.transfer_manager() as manager:
+                uploads = [
+                    manager.upload(str(path), store.bucket, store.full_key(join_key(prefix, name)), None, subscribers)
+                    for path, name in zip(files, names, strict=True)
+                ]
+                for upload in uploads:
+                    upload.result()
+            digests = [future.result() for future in hashes]
+    finally:
+        hashers.shutdown(wait=True, cancel_futures=True)
+    problems = [
+        problem
+        for name, (size, _, etag) in zip(names, digests, strict=True)
+        if (problem := _verify(store, join_key(prefix, name), size, etag))
+    ]
+    if problems:
+        raise JobError(f"upload to {uri} did not verify: {'; '.join(problems[:5])}", hint="no manifest was written")
+    manifest = Manifest(
+        files=[FileEntry(name, size, sha) for name, (size, sha, _) in zip(names, digests, strict=True)],
+        meta=dict(meta or {}),
+    )
+    commit_manifest(store, prefix, manifest)
+    log.info("storage_committed", uri=uri, files=len(files), bytes=total)
+    return manifest
+
+
+def _verify(store: S3Store, key: str, size: int, etag: str) -> str | None:
+    """What is wrong with the stored object (None when its size and, where meaningful, its ETag match)."""
+    with translate_errors(store.uri_of(key), store.connection):
+        head = store.connection.client.head_object(Bucket=store.bucket, Key=store.full_key(key))
+    if head["ContentLength"] != size:
+        return f"{key}: size {head['ContentLength']} != {size}"
+    stored = str(head.get("ETag", "")).strip('"')
+    md5_based = head.get("ServerSideEncryption") not in _SSE_WITHOUT_MD5_ETAG and not head.get("SSECustomerAlgorithm")
+    if store.settings.verify_etag and md5_based and stored and stored != etag:
+        return f"{key}: ETag {stored} != local {etag} (storage.verify_etag: false if the store's ETags are not MD5s)"
+    return None
+
+
+# ---------------------------------------------------------------- pull
+
+
+class PullRecord:
+    """What an earlier pull wrote into a destination: relative path -> size, ETag, local mtime.
+
+    A file is skipped only when all three still match, so a file edited or truncated locally
+    is downloaded again. Entries are relative paths inside the destination, checked like keys.
+    """
+
+    def __init__(self, path: Path, source: str) -> None:
+        self.path, self.source = path, source
+        self._lock = threading.Lock()
+        self.files: dict[str, dict[str, Any]] = {}
+        try:
+            body = json.loads(path.read_text())
+            if body.get("source") == source and isinstance(body.get("files"), dict):
+                self.files = body["files"]
+        except (OSError, ValueError, AttributeError):
+            pass  # no record, or a damaged one: download everything
+
+    def unchanged(self, relative: str, target: Path, info: ObjectInfo) -> bool:
+        entry = self.files.get(relative)
+        try:
+            stat = target.stat()
+        except OSError:
+            return False
+        return bool(
+            entry
+            and info.etag
+            and entry.get("etag") == info.etag
+            and entry.get("size") == info.size == stat.st_size
+            and entry.get("mtime_ns") == stat.st_mtime_ns
+        )
+
+    def remember(self, relative: str, target: Path, info: ObjectInfo) -> None:
+        with self._lock:
+            self.files[relative] = {"size": info.size, "etag": info.etag, "mtime_ns": target.stat().st_mtime_ns}
+            self._save()
+
+    def forget_others(self, keep: set[str], destination: Path) -> None:
+        """Delete files an earlier pull wrote that the source no longer has (a stale shard would be read)."""
+        with self._lock:
+            for relative in sorted(set(self.files) - keep):
+                (destination / safe_relative_path(relative)).unlink(missing_ok=True)
+                del self.files[relative]
+            self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
+        temporary.write_text(json.dumps({"version": 1, "source": self.source, "files": self.files}, indent=1))
+        os.replace(temporary, self.path)
+
+
+def pull_objects(
+    store: S3Store, objects: list[ObjectInfo], prefix: str, destination: Path, record_path: Path | None
+) -> list[Path]:
+    """Download `objects` (keys relative to `store`, under `prefix`) into `destination`, skipping unchanged ones."""
+    uri = store.uri_of(prefix)
+    plan = plan_pull(objects, prefix)  # every key checked before anything is written
+    record = PullRecord(record_path or destination / PULL_RECORD, uri)
+    todo = [(info, rel) for info, rel in plan if not record.unchanged(rel.as_posix(), destination / rel, info)]
+    total = sum(info.size for info, _ in todo)
+    with Progress("pull", uri, total, store.settings.progress_interval_seconds, files=len(plan)) as progress:
+        pending = {id(info) for info, _ in todo}
+        for info, _ in plan:
+            if id(info) not in pending:
+                progress.skip(info.size)
+        with translate_errors(uri, store.connection), store.transfer_manager() as manager:
+            downloads = []
+            for info, relative in todo:
+                target = destination / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                done = _remember(record, relative.as_posix(), target, info)
+                subscriber = _Subscriber(progress, info.size, info.etag, done)
+                key = store.full_key(info.key)
+                downloads.append(manager.download(store.bucket, key, str(target), None, [subscriber]))
+            for download in downloads:
+                download.result()
+        for info, relative in todo:
+            got = (destination / relative).stat().st_size
+            if got != info.size:
+                raise JobError(f"download of {store.uri_of(info.key)} is {got} bytes, expected {info.size}")
+        record.forget_others({rel.as_posix() for _, rel in plan}, destination)
+    return [destination / rel for _, rel in plan]
+
+
+def _remember(record: PullRecord, relative: str, target: Path, info: ObjectInfo) -> Callable[[], None]:
+    return lambda: record.remember(relative, target, info)
