@@ -1,5 +1,101 @@
-"""Shared fixtures: tiny model, tiny datasets, reference runs; S3 fixtures live in s3_fixtures.py."""
+"""Shared fixtures: tiny model, tiny datasets, and reference runs of the real entrypoint.
+
+S3 fixtures (a moto server on loopback) live in s3_fixtures.py.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
 pytest_plugins = ["s3_fixtures"]
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_TRAIN = REPO / "examples" / "demo" / "train.jsonl"
+DEMO_EVAL = REPO / "examples" / "demo" / "eval.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The builtin tiny Mistral (real Mistral v3 tokenizer), built once per session."""
+    from job.demo import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-mistral")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@dataclass
+class JobResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def lines(self) -> list[dict]:
+        """The JSON log lines (stderr); fails the test if any line is not JSON."""
+        return [json.loads(line) for line in self.stderr.splitlines() if line.strip()]
+
+    def events(self, name: str) -> list[dict]:
+        return [line for line in self.lines if line.get("event") == name]
+
+
+def run_job(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO) -> JobResult:
+    """Run `python entrypoint.py ARGS` as a subprocess with JSON logs, like a container does."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SFT_")}
+    full_env.update({"SFT_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    full_env.update(env or {})
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "entrypoint.py"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return JobResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+def cpu_run_args(tmp: Path, model_dir: Path, name: str, *extra: str) -> list[str]:
+    """A small, exact (float32, CPU) training run on the demo task."""
+    return [
+        "train",
+        "--config",
+        str(REPO / "examples" / "cpu-demo.yaml"),
+        "--set", f"run.name={name}",
+        "--set", f"run.output={tmp / 'outputs'}",
+        "--set", f"run.scratch={tmp / 'scratch'}",
+        "--set", f"model.source={model_dir}",
+        "--set", "train.max_steps=24",
+        "--set", "train.logging_steps=4",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[JobResult, Path]:
+    """One uninterrupted local run, shared by every assertion about a finished run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    result = run_job(*cpu_run_args(tmp, tiny_model_dir, "reference"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result, tmp / "outputs" / "reference"

@@ -1,0 +1,79 @@
+"""CLI: exit codes mapped in one place, help text, validate, config reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_TRAIN, REPO, run_job, write_jsonl
+from job.cli import config_reference_markdown, main
+
+
+def exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return int(info.value.code)
+
+
+def test_usage_errors_exit_64_not_2(capsys) -> None:
+    assert exit_code(["train", "--no-such-option"]) == 64
+    assert exit_code(["no-such-command"]) == 64
+    assert "No such option" in capsys.readouterr().err
+
+
+def test_config_errors_exit_64(capsys) -> None:
+    assert exit_code(["config", "--set", "data.train=x", "--set", "train.learning_rat=1"]) == 64
+    assert "did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+def test_help_documents_options_and_environment(capsys) -> None:
+    assert exit_code(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("--config", "--set", "SFT_CONFIG", "SFT_<SECTION>__<KEY>", "HF_TOKEN", "AWS_ENDPOINT_URL"):
+        assert needle in text
+
+
+def test_readme_config_reference_is_current() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert config_reference_markdown() in readme, "regenerate with: python entrypoint.py config --reference"
+
+
+def test_config_command_prints_resolved_yaml(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("SFT_TRAIN__SEED", "9")
+    assert exit_code(["config", "--config", str(REPO / "examples/cpu-demo.yaml")]) == 0
+    assert "seed: 9" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_exit_codes_for_bad_inputs(tmp_path: Path) -> None:
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "only a question"}]}])
+    common = ["--set", f"run.output={tmp_path / 'out'}", "--set", f"run.scratch={tmp_path / 's'}"]
+    result = run_job("validate", "--set", f"data.train={bad}", *common)
+    assert result.returncode == 65
+    failure = result.events("job_failed")[0]
+    assert f"{bad}:1" in failure["error"] and failure["exit_code"] == 65 and "exception" not in failure
+    result = run_job("validate", "--set", f"data.train={tmp_path / 'missing.jsonl'}", *common)
+    assert result.returncode == 66
+    result = run_job("train", "--set", f"data.train={DEMO_TRAIN}", "--set", "model.source=/nonexistent/model", *common)
+    assert result.returncode == 66 and "not a model directory" in result.events("job_failed")[0]["error"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("MANIFEST.json"))
+
+
+@pytest.mark.slow
+def test_validate_reports_statistics_as_json(tmp_path: Path) -> None:
+    result = run_job(
+        "validate",
+        "--json",
+        "--config", str(REPO / "examples/cpu-demo.yaml"),
+        "--set", f"run.scratch={tmp_path / 's'}",
+        "--set", f"run.output={tmp_path / 'o'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["records"] == 240 and report["examples"] == 240 and report["eval_examples"] == 40
+    assert 0 < report["trainable_tokens"] < report["tokens"]
+    assert report["optimizer_steps_per_epoch"] == 30
+    assert not result.events("model_loaded")  # no weights were loaded
+    assert not (tmp_path / "o").exists()  # validate writes nothing to the store

@@ -1,0 +1,156 @@
+"""Config: precedence, type conversion, and every error path (exit 64 at the CLI)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from job.config import SECTION_TYPES, JobConfig, load_config, reference_rows, to_yaml
+from job.errors import ConfigError
+
+BASE = ["data.train=train.jsonl"]
+
+
+def write_yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_the_seed_recipe() -> None:
+    config = load_config(None, BASE, environ={})
+    assert config.model.source == "mistralai/Mistral-7B-v0.3"
+    assert config.model.dtype == "bfloat16"
+    train = config.train
+    assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (2, 8)
+    assert train.activation_checkpointing is True
+    assert train.learning_rate == 5e-6
+    assert train.num_train_epochs == 3
+    assert train.logging_steps == 10
+    assert train.seed == 42
+    assert train.optim == "adamw_torch_fused"
+    assert config.checkpoint.every_steps == 500
+    assert config.data.max_length == 2048
+
+
+def test_precedence_defaults_file_env_set(tmp_path: Path) -> None:
+    path = write_yaml(
+        tmp_path,
+        "data: {train: a.jsonl}\ntrain: {learning_rate: 1e-5, seed: 1, logging_steps: 3}\nrun: {name: from-file}\n",
+    )
+    env = {"SFT_TRAIN__SEED": "2", "SFT_TRAIN__LOGGING_STEPS": "4"}
+    config = load_config(path, ["train.logging_steps=5"], environ=env)
+    assert config.train.learning_rate == 1e-5  # file beats default
+    assert config.train.seed == 2  # environment beats file
+    assert config.train.logging_steps == 5  # --set beats environment
+    assert config.run.name == "from-file"
+    assert config.train.gradient_accumulation_steps == 8  # untouched default
+
+
+def test_sft_config_env_names_the_file(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "data: {train: from-env-file.jsonl}\n")
+    assert load_config(None, [], environ={"SFT_CONFIG": path}).data.train == "from-env-file.jsonl"
+    # --config wins over SFT_CONFIG
+    other = tmp_path / "other.yaml"
+    other.write_text("data: {train: other.jsonl}\n")
+    assert load_config(str(other), [], environ={"SFT_CONFIG": path}).data.train == "other.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("override", "attribute", "expected"),
+    [
+        ("train.learning_rate=1e-5", ("train", "learning_rate"), 1e-5),  # YAML 1.1 reads this as a string
+        ("train.learning_rate='3e-4'", ("train", "learning_rate"), 3e-4),
+        ("train.per_device_train_batch_size=4.0", ("train", "per_device_train_batch_size"), 4),
+        ("train.activation_checkpointing=no", ("train", "activation_checkpointing"), False),
+        ("train.gradient_checkpointing=false", ("train", "activation_checkpointing"), False),  # alias
+        ("model.revision=null", ("model", "revision"), None),
+        ("model.revision=1234", ("model", "revision"), "1234"),  # str field keeps digits as text
+        ("checkpoint.every_minutes=5", ("checkpoint", "every_minutes"), 5.0),
+    ],
+)
+def test_values_convert_to_field_types(override: str, attribute: tuple[str, str], expected: object) -> None:
+    config = load_config(None, [*BASE, override], environ={})
+    value = getattr(getattr(config, attribute[0]), attribute[1])
+    assert value == expected and type(value) is type(expected)
+
+
+def test_env_values_convert_too() -> None:
+    config = load_config(None, BASE, environ={"SFT_TRAIN__LEARNING_RATE": "2e-5", "SFT_TRAIN__MAX_STEPS": "7"})
+    assert config.train.learning_rate == 2e-5
+    assert config.train.max_steps == 7
+
+
+def test_other_sft_config_fields_pass_through_typed() -> None:
+    config = load_config(None, [*BASE, "train.eval_steps=5", "train.report_to=[tensorboard]"], environ={})
+    assert config.train.extra == {"eval_steps": 5, "report_to": ["tensorboard"]}
+    assert to_yaml(config).count("eval_steps: 5") == 1  # written back under train:
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.learning_rat=1e-5", "did you mean 'learning_rate'"),
+        ("trian.seed=1", "did you mean 'train'"),
+        ("model.sorce=x", "did you mean 'source'"),
+        ("train.max_length=4096", "data.max_length"),
+        ("train.save_steps=100", "checkpoint.every_steps"),
+        ("train.output_dir=/x", "run.output"),
+        ("train.seed=abc", "train.seed"),
+        ("train.learning_rate=fast", "train.learning_rate"),
+        ("train.activation_checkpointing=maybe", "expected true or false"),
+        ("model.dtype=float8", "expected one of bfloat16, float16, float32"),
+        ("data.eval_fraction=1.5", "eval_fraction"),
+        ("run.name=../escape", "not a valid run name"),
+        ("train.per_device_train_batch_size=0", "at least 1"),
+        ("train.eval_steps=often", "train.eval_steps"),
+        ("noequals", "section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*BASE, override], environ={})
+    assert message in str(info.value)
+    assert info.value.exit_code == 64
+
+
+def test_unknown_env_section_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="SFT_TRAINN__SEED"):
+        load_config(None, BASE, environ={"SFT_TRAINN__SEED": "1"})
+
+
+def test_missing_train_data_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="data.train is not set"):
+        load_config(None, [], environ={})
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"), BASE, environ={})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write_yaml(tmp_path, "train: [unclosed\n"), BASE, environ={})
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(write_yaml(tmp_path, "- a\n- b\n"), BASE, environ={})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write_yaml(tmp_path, "train: 3\n"), BASE, environ={})
+
+
+def test_reference_documents_every_field() -> None:
+    rows = {key: (default, env, doc) for key, default, env, doc in reference_rows()}
+    assert set(SECTION_TYPES) == {f.name for f in dataclasses.fields(JobConfig)}
+    for section, cls in SECTION_TYPES.items():
+        for item in dataclasses.fields(cls):
+            if item.name == "extra":
+                continue
+            key = f"{section}.{item.name}"
+            assert key in rows, f"{key} has no docstring"
+            assert rows[key][1] == f"SFT_{section.upper()}__{item.name.upper()}"
+            assert rows[key][2], f"{key} docstring is empty"
+
+
+def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
+    config = load_config(None, [*BASE, "train.learning_rate=1e-5", "train.eval_steps=3"], environ={})
+    again = load_config(write_yaml(tmp_path, to_yaml(config)), [], environ={})
+    assert again == config

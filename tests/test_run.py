@@ -1,0 +1,131 @@
+"""End to end: `entrypoint.py train` as a subprocess on the tiny model and the demo task.
+
+One reference run is shared by the assertions (tests/conftest.py); a second identical run checks
+bitwise reproducibility.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEMO_EVAL, cpu_run_args, run_job
+from job.data import load_dataset
+from job.manifest import Manifest, sha256_file
+from job.masking import IGNORE_INDEX, tokenize_examples
+
+pytestmark = pytest.mark.slow
+
+
+def answer_loss(model_dir: Path) -> float:
+    """Mean cross-entropy on the held-out answers (assistant tokens only), computed independently."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None:  # the base model has none; the job used its shipped default
+        from job.masking import default_chat_template
+
+        tokenizer.chat_template = default_chat_template()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    examples = load_dataset(DEMO_EVAL).examples
+    data = tokenize_examples(examples, tokenizer, max_length=256, train_on="assistant")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in zip(data.input_ids, data.labels, strict=True):
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            target = torch.tensor(labels[1:])
+            keep = target != IGNORE_INDEX
+            total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / count
+
+
+def test_held_out_answer_loss_halves(reference_run, tiny_model_dir) -> None:
+    _, run_dir = reference_run
+    before, after = answer_loss(tiny_model_dir), answer_loss(run_dir / "final")
+    assert after <= before / 2, (before, after)
+
+
+def test_final_layout_loads_and_manifest_is_true(reference_run) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir = reference_run
+    final = run_dir / "final"
+    names = sorted(p.name for p in final.iterdir())
+    for required in ("MANIFEST.json", "README.md", "config.json", "generation_config.json", "metrics.json"):
+        assert required in names
+    assert "model.safetensors" in names or "model.safetensors.index.json" in names
+    assert "tokenizer.json" in names and "chat_template.jinja" in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    manifest = Manifest.from_json((final / "MANIFEST.json").read_bytes())
+    assert sorted(e.name for e in manifest.files) == [n for n in names if n != "MANIFEST.json"]
+    for entry in manifest.files:
+        assert (final / entry.name).stat().st_size == entry.size
+        assert sha256_file(final / entry.name) == entry.sha256
+    assert manifest.created >= max((final / e.name).stat().st_mtime for e in manifest.files) - 1
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert tokenizer.chat_template and "[INST]" in tokenizer.chat_template
+    assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert sum(p.numel() for p in model.parameters()) == 4_292_928
+    assert (run_dir / "config.resolved.yaml").is_file()
+
+
+def test_metrics_and_card(reference_run) -> None:
+    import yaml
+
+    _, run_dir = reference_run
+    metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert metrics["steps"] == 24 and metrics["final_step"] == 24
+    assert [s for s, _ in metrics["loss_per_step"]] == list(range(1, 25))
+    assert math.isfinite(metrics["eval_loss"]) and metrics["trained_tokens"] > 0
+    card = (run_dir / "final" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] and "sft" in front["tags"] and front["datasets"] == ["train.jsonl"]
+    assert sha256_file(Path("examples/demo/train.jsonl")) in card
+    assert "learning_rate: 0.003" in card  # the resolved config
+
+
+def test_logs_are_json_lines_with_run_name_and_step_fields(reference_run) -> None:
+    result, _ = reference_run
+    lines = result.lines  # every stderr line parses as JSON
+    assert lines and all(line.get("run") == "reference" for line in lines[1:])
+    steps = result.events("step")
+    assert [s["step"] for s in steps] == [4, 8, 12, 16, 20, 24]
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "elapsed_seconds", "eta_seconds"):
+        assert all(s[key] is not None for s in steps), key
+    assert steps[-1]["eta_seconds"] == 0
+    assert "Writing model shards" not in result.stderr  # no progress bars in JSON mode
+    masked = result.events("example_masked")[0]["text"]
+    assert "«The capital of" in masked and masked.endswith("</s>»")
+    assert result.events("chat_template_default_used")
+
+
+def test_rerun_of_a_finished_run_is_a_no_op(reference_run, tiny_model_dir) -> None:
+    _, run_dir = reference_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    tmp = run_dir.parent.parent
+    again = run_job(*cpu_run_args(tmp, tiny_model_dir, "reference"))
+    assert again.returncode == 0
+    assert again.events("already_complete") and not again.events("training_started")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+def test_same_seed_gives_bitwise_identical_weights(reference_run, tiny_model_dir) -> None:
+    from safetensors.torch import load_file
+
+    _, run_dir = reference_run
+    tmp = run_dir.parent.parent
+    twin = run_job(*cpu_run_args(tmp, tiny_model_dir, "twin"))
+    assert twin.returncode == 0, twin.stderr[-3000:]
+    first = load_file(run_dir / "final" / "model.safetensors")
+    second = load_file(tmp / "outputs" / "twin" / "final" / "model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert all(first[k].dtype == torch.float32 for k in first)
+    assert not all(torch.equal(first[k], base[k]) for k in first)  # it did train
