@@ -122,7 +122,7 @@ def test_unknown_env_section_names_the_variable() -> None:
 
 
 def test_missing_train_data_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="data.train is not set"):
+    with pytest.raises(ConfigError, match=r"data\.train is not set"):
         load_config(None, [], environ={})
 
 

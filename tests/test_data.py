@@ -120,7 +120,7 @@ def test_eval_split_is_seeded_and_disjoint(tmp_path: Path) -> None:
     records = [{"text": f"doc {i}"} for i in range(50)]
     dataset = load_dataset(write_jsonl(tmp_path / "x.jsonl", records))
     train, held = split_for_eval(dataset, 0.2, seed=3)
-    again_train, again_held = split_for_eval(dataset, 0.2, seed=3)
+    _, again_held = split_for_eval(dataset, 0.2, seed=3)
     _, other_held = split_for_eval(dataset, 0.2, seed=4)
     assert len(held) == 10 and len(train) == 40
     assert {e.text for e in held.examples} == {e.text for e in again_held.examples}

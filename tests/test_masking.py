@@ -98,7 +98,9 @@ def test_train_on_all_and_text_documents(tokenizer) -> None:
 def test_truncation_counts_and_drops_examples_without_trainable_tokens(tokenizer) -> None:
     local = copy.deepcopy(tokenizer)
     apply_chat_template_choice(local, None)
-    long_prompt = Example("t:1", messages=({"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"}))
+    long_prompt = Example(
+        "t:1", messages=({"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"})
+    )
     short = Example("t:2", messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "a b c d e f"}))
     result = tokenize_examples([long_prompt, short], local, max_length=12, train_on="assistant")
     assert result.dropped == ["t:1"] and result.sources == ["t:2"]
