@@ -45,7 +45,7 @@ def test_push_pull_round_trip_nested_and_multipart(s3_bucket, s3_settings, tmp_p
     manifest = store.push_directory(source, "checkpoints/checkpoint-000010", meta={"step": 10})
 
     prefix = "runs/r1/checkpoints/checkpoint-000010/"
-    assert s3_bucket.keys(prefix) == sorted(prefix + name for name in [*files, MANIFEST_NAME])
+    assert s3_bucket.list_keys(prefix) == sorted(prefix + name for name in [*files, MANIFEST_NAME])
     big = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key=prefix + "model-00001-of-00002.safetensors")
     assert big["ETag"].strip('"').endswith("-3")  # really went up in 5 MiB parts
     stored = Manifest.from_json(s3_bucket.get(prefix + MANIFEST_NAME))
@@ -143,7 +143,7 @@ def test_delete_removes_manifest_first(s3_bucket, s3_settings, tmp_path):
     events.register("before-parameter-build.s3.DeleteObjects", lambda params, **kw: calls.append(params))
     store.delete([i.key for i in store.list("ck")])
     assert [[o["Key"] for o in c["Delete"]["Objects"]] for c in calls] == [["ck/MANIFEST.json"], ["ck/w.bin"]]
-    assert s3_bucket.keys() == []
+    assert s3_bucket.list_keys() == []
 
 
 def test_repull_skips_unchanged_files_and_refreshes_changed(s3_bucket, s3_settings, tmp_path):

@@ -105,12 +105,22 @@ class S3Store(Store):
                     code, status = error_code(error)
                     if status == 404 and code != "NoSuchBucket":
                         return None
-                    raise
+                    if status not in (400, 403):
+                        raise
+                    head = self._explain_head_error(key)
         except InputNotFound:
             if not self._bucket_exists():
                 raise
             return None
         return ObjectInfo(key, int(head["ContentLength"]), str(head.get("ETag", "")).strip('"') or None)
+
+    def _explain_head_error(self, key: str) -> dict[str, Any]:
+        """A HEAD error has no body, so no code: repeat it as a one-byte GET, whose error says
+        InvalidAccessKeyId, SignatureDoesNotMatch or AccessDenied (or which succeeds, oddly)."""
+        response = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key), Range="bytes=0-0")
+        response["Body"].close()
+        size = int(str(response.get("ContentRange", "/0")).rsplit("/", 1)[-1])
+        return {"ContentLength": size, "ETag": response.get("ETag")}
 
     def _bucket_exists(self) -> bool:
         with translate_errors(f"s3://{self.bucket}", self.connection):

@@ -164,7 +164,7 @@ def _new_connection(settings: StorageConfig, endpoint: str | None) -> Connection
     region = settings.region or session.region_name or "us-east-1"
     config = Config(
         region_name=region,
-        retries={"mode": "standard", "max_attempts": settings.max_attempts},
+        retries={"mode": "standard", "total_max_attempts": settings.max_attempts},  # `max_attempts` counts retries
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         s3={"addressing_style": settings.addressing_style},
