@@ -352,3 +352,34 @@ def test_dockerignore_keeps_what_the_image_copies(parsed):
         assert (ROOT / source).exists(), f"{source} is copied but missing from the repository"
     for path in ("job/assets/mistral-v3-chat-template.jinja", "examples/cpu-demo.yaml", "models/base/config.json"):
         assert not dockerignore_excludes(path, patterns), path
+
+
+# ------------------------------------------------------------------ tool versions and the CI example
+
+
+def test_uv_version_matches_deploy_checks(parsed):
+    global_args, _ = parsed
+    checks = (ROOT / ".ci" / "deploy-checks.sh").read_text()
+    assert re.search(r"^UV_VERSION=(\S+)$", checks, re.M).group(1) == global_args["UV_VERSION"]
+
+
+def test_ci_example_builds_smoke_tests_then_submits():
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / "examples" / "ci" / "github-actions.yml").read_text())
+    jobs = workflow["jobs"]
+    assert jobs["smoke"]["needs"] == "image"
+    assert set(jobs["submit"]["needs"]) == {"image", "smoke"}
+    build = next(s for s in jobs["image"]["steps"] if s.get("id") == "build")
+    assert build["with"]["push"] is True
+    args = dict(line.split("=", 1) for line in build["with"]["build-args"].split())
+    assert args["VCS_REF"] == "${{ github.sha }}"
+    assert {"VERSION", "BUILD_DATE", "SOURCE_URL"} <= set(args)
+    assert "@${{ steps.build.outputs.digest }}" in jobs["image"]["outputs"]["ref"], "later jobs use the pushed digest"
+    smoke = " ".join(s.get("run", "") for s in jobs["smoke"]["steps"])
+    assert "train --config examples/cpu-demo.yaml" in smoke
+    for flag in ("--read-only", "--user 10001:10001", "--network none"):
+        assert flag in smoke, f"the smoke test must run the image the way the cluster does ({flag})"
+    submit = " ".join(s.get("run", "") for s in jobs["submit"]["steps"])
+    assert "scripts/submit-run.sh" in submit and '--image "$IMAGE"' in submit
+    assert jobs["submit"]["env"]["IMAGE"] == "${{ needs.image.outputs.ref }}"

