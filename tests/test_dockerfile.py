@@ -372,7 +372,7 @@ def test_ci_example_builds_smoke_tests_then_submits():
     assert set(jobs["submit"]["needs"]) == {"image", "smoke"}
     build = next(s for s in jobs["image"]["steps"] if s.get("id") == "build")
     assert build["with"]["push"] is True
-    args = dict(line.split("=", 1) for line in build["with"]["build-args"].split())
+    args = dict(line.split("=", 1) for line in build["with"]["build-args"].splitlines())
     assert args["VCS_REF"] == "${{ github.sha }}"
     assert {"VERSION", "BUILD_DATE", "SOURCE_URL"} <= set(args)
     assert "@${{ steps.build.outputs.digest }}" in jobs["image"]["outputs"]["ref"], "later jobs use the pushed digest"
