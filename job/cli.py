@@ -60,16 +60,23 @@ def cli() -> None:
 
 @cli.command(epilog=ENVIRONMENT_HELP)
 @config_options
-def train(config_path: str | None, overrides: tuple[str, ...]) -> int:
+@click.option(
+    "--allow-config-change",
+    is_flag=True,
+    help="Resume even though model, data or hyper-parameters differ from the run's first start (recorded).",
+)
+def train(config_path: str | None, overrides: tuple[str, ...], allow_config_change: bool) -> int:
     """Train and publish the final model to <run.output>/<run.name>/final/.
 
-    A run whose final output is already committed exits 0 at once.
+    Resumes from the newest committed checkpoint when there is one. A run whose final
+    output is already committed exits 0 at once. SIGTERM exits 75 once the newest
+    checkpoint is durable (see README "Preemption").
     """
 
     def action(config: JobConfig) -> int:
         from job.run import train as run_train
 
-        run_train(config)
+        run_train(config, allow_config_change=allow_config_change)
         return 0
 
     return _execute(config_path, overrides, action)

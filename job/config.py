@@ -44,6 +44,8 @@ class RunConfig:
     """Where runs live: `s3://bucket/prefix` or a local directory."""
     scratch: str = "scratch"
     """Local working directory for pulled inputs, caches and checkpoints (a fast volume; ~250 GiB for 7B)."""
+    lease_ttl_seconds: float = 60.0
+    """Writer lease lifetime; renewed every third of it. A replacement pod waits at most this plus half."""
     max_shard_size: str = "5GB"
     """Largest safetensors shard in `final/` (transformers v5 would default to 50GB)."""
 
@@ -55,6 +57,8 @@ class RunConfig:
             )
         _require_nonempty("run.output", self.output)
         _require_nonempty("run.scratch", self.scratch)
+        if self.lease_ttl_seconds < 3:
+            raise ConfigError(f"run.lease_ttl_seconds must be at least 3, got {self.lease_ttl_seconds}")
 
 
 @dataclass
@@ -155,6 +159,8 @@ class CheckpointConfig:
     """Committed checkpoints kept in the store; older ones are deleted after a newer one commits."""
     grace_seconds: float = 25.0
     """Seconds the job may spend after SIGTERM; keep it below what the platform really gives."""
+    delete_after_final: bool = True
+    """Delete the run's checkpoints once the final model is committed."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep < 1:

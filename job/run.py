@@ -1,28 +1,46 @@
 """One run, top to bottom: the story in DESIGN.md, calling one module per step.
 
     open the run's store ─ already complete? exit 0
+    take the run's lease (one writer) ─ refuse config drift
     pull + read + validate data  (bad data fails here, before any weights load)
     resolve the model source, load the tokenizer, tokenize with loss masks
-    load the model ─ train (TRL SFTTrainer) ─ evaluate
-    stage final/ (safetensors, tokenizer, card, metrics) ─ push, MANIFEST.json last
+    clean a predecessor's leftovers ─ verify and pull the newest committed checkpoint
+    load the model ─ train (TRL SFTTrainer; checkpoints upload in the background) ─ evaluate
+       └─ SIGTERM: save only if it fits the grace budget, flush uploads, exit 75
+    stage final/ (safetensors, tokenizer, card, metrics) ─ push, MANIFEST.json last ─ drop checkpoints
 
 `validate` runs the same first half and stops before the weights.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from job.checkpoints import (
+    CheckpointUploader,
+    UploadResult,
+    check_scratch_space,
+    clean_leftovers,
+    delete_checkpoint,
+    prepare_resume,
+    stored_checkpoints,
+)
 from job.config import JobConfig, redacted, to_yaml
 from job.data import Dataset, file_digests, load_dataset, split_for_eval
+from job.drift import config_drift
+from job.errors import ConfigError, Preempted, TrainingFailed
 from job.export import FINAL_PREFIX, publish_final, stage_final
+from job.lease import Lease
 from job.logs import get_logger
 from job.masking import TokenizedSet, apply_chat_template_choice, describe_example, tokenize_examples
+from job.metrics import MetricsLog, read_step_metrics
 from job.model import ModelSource, load_model, load_tokenizer, resolve_source
+from job.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
 from job.storage import AlreadyExists, Store, fetch_input, open_store
 
 log = get_logger(__name__)
@@ -118,47 +136,92 @@ def validate(config: JobConfig) -> dict[str, Any]:
     }
 
 
-def train(config: JobConfig) -> dict[str, Any]:
-    """The whole run; returns the final metrics (or the committed ones when already complete)."""
+def train(config: JobConfig, *, allow_config_change: bool = False) -> dict[str, Any]:
+    """The whole run; returns the final metrics (or `already_complete`)."""
     store = run_store(config)
     if store.is_committed(FINAL_PREFIX):
         log.info("already_complete", uri=f"{store.uri}/{FINAL_PREFIX}")
         return {"already_complete": True}
-    _record_resolved_config(store, config)
-    timings: dict[str, float] = {}
+    lease = Lease(store, config.run.lease_ttl_seconds)
+    lease.acquire()
+    try:
+        if store.is_committed(FINAL_PREFIX):  # a predecessor finished while we waited for its lease
+            log.info("already_complete", uri=f"{store.uri}/{FINAL_PREFIX}")
+            return {"already_complete": True}
+        _check_config_drift(store, config, allow_config_change)
+        return _train_holding_lease(config, store, lease)
+    finally:
+        lease.release()
 
+
+def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[str, Any]:
+    timings: dict[str, float] = {}
     started = time.monotonic()
     prepared = prepare(config)
     timings["prepare_seconds"] = time.monotonic() - started
 
     from datasets import Dataset as HFDataset
 
-    from job.train import build_trainer, detect_device
+    from job.train import CheckpointCallback, build_trainer, detect_device
 
-    def as_hf(part: TokenizedSet) -> HFDataset:
-        return HFDataset.from_dict({"input_ids": part.input_ids, "labels": part.labels})
+    work = scratch_dir(config) / "runs" / config.run.name
+    trainer_dir = work / "trainer"
+    clean_leftovers(store, trainer_dir)
+    weights_bytes = _weights_bytes(prepared.source)
+    if weights_bytes:
+        check_scratch_space(scratch_dir(config), _checkpoint_bytes(weights_bytes, config), 0)
+    resume = prepare_resume(store, work / "resume")
 
     device = detect_device()
     started = time.monotonic()
     model = load_model(prepared.source, config.model, device)
     timings["load_seconds"] = time.monotonic() - started
 
-    work = scratch_dir(config) / "runs" / config.run.name
+    metrics_log = MetricsLog(store)
+    preemption = PreemptionHandler(config.checkpoint.grace_seconds, Measurements())
+    uploader = CheckpointUploader(
+        store, config.checkpoint.keep, on_committed=lambda result: _on_committed(result, preemption, metrics_log)
+    )
+
+    def as_hf(part: TokenizedSet) -> HFDataset:
+        return HFDataset.from_dict({"input_ids": part.input_ids, "labels": part.labels})
+
     trainer, step_metrics = build_trainer(
         config,
         model,
         prepared.tokenizer,
         as_hf(prepared.train),
         as_hf(prepared.eval) if prepared.eval else None,
-        work / "trainer",
+        trainer_dir,
         device,
+        extra_callbacks=[CheckpointCallback(config.checkpoint.every_minutes, uploader, preemption, lease.lost.is_set)],
+        sink=metrics_log.add,
     )
+    if resume:
+        log.info("resuming", step=resume[0], checkpoint=str(resume[1]))
     started = time.monotonic()
-    trainer.train()
+    preemption.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+    except PreemptedNow:
+        pass
+    except TrainingFailed:
+        uploader.wait(timeout=config.checkpoint.grace_seconds)  # keep the last good checkpoint durable
+        metrics_log.flush()
+        raise
+    finally:
+        preemption.training_done = True
     timings["train_seconds"] = time.monotonic() - started
+    if preemption.requested:
+        _stop_preempted(store, uploader, preemption, metrics_log, resume[0] if resume else None)
 
+    uploader.close()
+    if uploader.error is not None:
+        raise uploader.error
+    metrics_log.flush()
     metrics: dict[str, Any] = {**step_metrics.summary(), "data_format": prepared.dataset.format}
-    metrics["loss_per_step"] = [[r.step, r.loss] for r in step_metrics.steps]
+    metrics["loss_per_step"] = [[r["step"], r["loss"]] for r in read_step_metrics(store)]
+    metrics["resumed_from_step"] = resume[0] if resume else None
     if prepared.eval:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 
@@ -183,13 +246,87 @@ def train(config: JobConfig) -> dict[str, Any]:
     )
     publish_final(store, staging)
     timings["publish_seconds"] = time.monotonic() - started
+    preemption.uninstall()
+    if config.checkpoint.delete_after_final:
+        _, keys = stored_checkpoints(store)
+        for step in sorted(keys):
+            delete_checkpoint(store, step, keys[step])
+        log.info("checkpoints_deleted_after_final", count=len(keys))
     log.info("run_finished", metrics={k: v for k, v in metrics.items() if k != "loss_per_step"}, timings=timings)
     return metrics
 
 
-def _record_resolved_config(store: Store, config: JobConfig) -> None:
+def _on_committed(result: UploadResult, preemption: PreemptionHandler, metrics_log: MetricsLog) -> None:
+    first = preemption.measured.upload_seconds is None
+    preemption.measured.upload_seconds = result.seconds
+    metrics_log.flush(up_to_step=result.step)
+    if not first:
+        return
+    needed = preemption.save_cost(include_step=True) or 0.0
+    log.info(
+        "checkpoint_timing",
+        step_seconds=preemption.measured.step_seconds,
+        save_seconds=preemption.measured.save_seconds,
+        upload_seconds=result.seconds,
+        needed_on_sigterm_seconds=round(needed + SAFETY_SECONDS, 2),
+        grace_seconds=preemption.grace_seconds,
+    )
+    if needed + SAFETY_SECONDS > preemption.grace_seconds:
+        log.warning(
+            "checkpoint_slower_than_grace_budget",
+            needed_seconds=round(needed + SAFETY_SECONDS, 1),
+            grace_seconds=preemption.grace_seconds,
+            consequence="on SIGTERM the job exits without a last save; periodic checkpoints bound the loss",
+            fix=f"checkpoint.grace_seconds >= {needed + SAFETY_SECONDS:.0f} where the platform allows it, "
+            "or save more often (checkpoint.every_minutes)",
+        )
+
+
+def _stop_preempted(
+    store: Store,
+    uploader: CheckpointUploader,
+    preemption: PreemptionHandler,
+    metrics_log: MetricsLog,
+    resumed_from: int | None,
+) -> None:
+    """Wait for in-flight uploads while the budget lasts, then raise Preempted (75) naming the durable step."""
+    finished = uploader.wait(timeout=max(preemption.remaining(), 0.0))
+    metrics_log.flush()
+    newest = uploader.newest_committed if uploader.newest_committed is not None else resumed_from
+    log.warning("preempted", signal=preemption.signal_name, newest_durable_step=newest, uploads_finished=finished)
+    where = f"step {newest}" if newest is not None else "none yet (the next start begins from step 0)"
+    raise Preempted(f"stopped by {preemption.signal_name}; newest durable checkpoint: {where}")
+
+
+def _weights_bytes(source: ModelSource) -> int:
+    if source.is_hub:
+        return 0  # not downloaded yet; from_pretrained checks its own cache space
+    return sum(p.stat().st_size for p in Path(source.location).glob("*.safetensors"))
+
+
+def _checkpoint_bytes(weights_bytes: int, config: JobConfig) -> int:
+    """Weights plus optimizer states (AdamW: two fp32 moments per parameter, the largest case)."""
+    bytes_per_weight = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
+    return weights_bytes + (weights_bytes // bytes_per_weight) * 8
+
+
+def _check_config_drift(store: Store, config: JobConfig, allow_change: bool) -> None:
+    """Record the first start's config; refuse (64) a restart that would train something else."""
     text = to_yaml(config)
     log.info("config_resolved", config=redacted(config.to_dict()))
-    # On a restart the first start's record stays (drift is compared by the checkpoint issue).
-    with contextlib.suppress(AlreadyExists):
+    try:
         store.write_bytes(RESOLVED_CONFIG, text.encode(), if_absent=True)
+        return
+    except AlreadyExists:
+        recorded = yaml.safe_load(store.read_bytes(RESOLVED_CONFIG))
+    changes = config_drift(recorded, yaml.safe_load(text))
+    if not changes:
+        return
+    if not allow_change:
+        raise ConfigError(
+            "this run was started with a different config:\n  " + "\n  ".join(changes),
+            hint="restore those values, use a new run.name, or pass --allow-config-change",
+        )
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    store.write_bytes(f"config-changes/{stamp}.yaml", yaml.safe_dump({"changes": changes}).encode() + text.encode())
+    log.warning("config_changed_allowed", changes=changes)

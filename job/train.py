@@ -10,7 +10,9 @@ itself, since Trainer's logged loss averages a whole logging window.
 from __future__ import annotations
 
 import math
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,13 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
+from job import faults
+from job.checkpoints import CheckpointUploader
 from job.config import JobConfig
-from job.errors import ConfigError, TrainingFailed
+from job.errors import ConfigError, StorageUnavailable, TrainingFailed
 from job.logs import get_logger
 from job.masking import IGNORE_INDEX
+from job.preemption import PreemptionHandler
 
 log = get_logger(__name__)
 
@@ -59,7 +64,10 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
         "max_length": config.data.max_length,
         "packing": False,
         "dataset_kwargs": {"skip_prepare_dataset": True},
-        "save_strategy": "no",
+        # Step-based saves go through Trainer; time- and signal-based ones through CheckpointCallback.
+        "save_strategy": "steps",
+        "save_steps": config.checkpoint.every_steps,
+        "save_total_limit": None,  # retention is ours: never delete a checkpoint still uploading
         "report_to": "none",
         "disable_tqdm": True,
         "eval_strategy": "no",
@@ -112,6 +120,8 @@ class StepMetrics(TrainerCallback):
     """Per-step records and the step log lines (step, loss, lr, grad norm, tokens/s, elapsed, ETA)."""
 
     trainer: JobTrainer | None = None
+    sink: Callable[[StepRecord], None] | None = None
+    """Receives every step record (the run's metrics log)."""
     steps: list[StepRecord] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     first_step: int | None = None
@@ -137,6 +147,8 @@ class StepMetrics(TrainerCallback):
         self._last_step_time = now
         self._window_tokens += record.tokens
         self.steps.append(record)
+        if self.sink is not None:
+            self.sink(record)
         if not math.isfinite(record.loss):
             raise TrainingFailed(f"loss is {record.loss} at step {record.step}", hint="lower the learning rate")
 
@@ -180,6 +192,54 @@ class StepMetrics(TrainerCallback):
         }
 
 
+class CheckpointCallback(TrainerCallback):
+    """Time- and signal-based saves, measurements for the SIGTERM decision, and hand-off to the uploader."""
+
+    def __init__(
+        self,
+        every_minutes: float,
+        uploader: CheckpointUploader,
+        preemption: PreemptionHandler,
+        lease_lost: Callable[[], bool],
+    ) -> None:
+        self.every_seconds = every_minutes * 60
+        self.uploader = uploader
+        self.preemption = preemption
+        self.lease_lost = lease_lost
+        self._last_save = self._step_started = self._save_started = time.monotonic()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._last_save = time.monotonic()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_started = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        self.preemption.measured.step_seconds = now - self._step_started
+        if self.lease_lost():
+            raise StorageUnavailable("lost the run's lease to another process; stopping before writing again")
+        if self.preemption.requested:
+            control.should_training_stop = True
+            control.should_save = self.preemption.confirm_save_at_step_end()
+        elif now - self._last_save >= self.every_seconds:
+            control.should_save = True
+        if control.should_save:
+            self._save_started = now
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.preemption.measured.save_seconds = time.monotonic() - self._save_started
+        step = state.global_step
+        path = Path(args.output_dir) / f"checkpoint-{step}"
+        if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+            shutil.rmtree(path, ignore_errors=True)
+            raise TrainingFailed(f"weights are not finite at step {step}; the checkpoint is not committed")
+        log.info("checkpoint_saved_locally", step=step, save_seconds=round(self.preemption.measured.save_seconds, 3))
+        faults.maybe_kill("after_local_save", step)
+        self.uploader.submit(step, path)
+        self._last_save = time.monotonic()
+
+
 def build_trainer(
     config: JobConfig,
     model: Any,
@@ -188,16 +248,19 @@ def build_trainer(
     eval_dataset: Any | None,
     output_dir: Path,
     device: str,
+    extra_callbacks: list[TrainerCallback] = (),  # type: ignore[assignment]
+    sink: Callable[[StepRecord], None] | None = None,
 ) -> tuple[JobTrainer, StepMetrics]:
     args = build_sft_config(config, output_dir, device, has_eval=eval_dataset is not None)
-    metrics = StepMetrics()
+    metrics = StepMetrics(sink=sink)
     trainer = JobTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[metrics],
+        # StepMetrics first: a non-finite loss stops the step before any checkpoint is saved.
+        callbacks=[metrics, *extra_callbacks],
     )
     metrics.trainer = trainer
     # Our step lines replace Trainer's printed dicts and progress bars.

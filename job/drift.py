@@ -1,0 +1,33 @@
+"""Config drift: a restart may not silently train a different run.
+
+The first start records `config.resolved.yaml`; a restart compares the settings
+that define what is trained (model identity, data, training hyper-parameters).
+Where and how the job runs (run.scratch, storage, checkpoint cadence and grace,
+values a planner picks for the GPU at hand) is not drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFINING = {
+    "model": ("source", "revision", "dtype", "trust_remote_code"),
+    "data": None,  # every data key
+    "train": None,  # every hyper-parameter, SFTConfig pass-through included
+}
+MACHINE_DERIVED = {"train": ("dataloader_num_workers", "report_to", "logging_steps")}
+
+
+def config_drift(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences (`train.learning_rate: 1e-05 -> 2e-05`), empty when none."""
+    changes = []
+    for section, keys in DEFINING.items():
+        old, new = recorded.get(section) or {}, current.get(section) or {}
+        names = keys if keys is not None else sorted(set(old) | set(new))
+        ignored = MACHINE_DERIVED.get(section, ())
+        for name in names:
+            if name in ignored:
+                continue
+            if old.get(name) != new.get(name):
+                changes.append(f"{section}.{name}: {old.get(name)!r} -> {new.get(name)!r}")
+    return changes
