@@ -103,16 +103,21 @@ class Lease:
         self._thread.start()
 
     def _heartbeat(self) -> None:
-        interval = self.ttl / 3
-        while not self._stop.wait(interval):
-            try:
-                self.etag = self.store.write_bytes_if_match(LEASE_KEY, self._record().to_bytes(), self.etag or "")
-            except ETagMismatch:
-                self.lost.set()
-                log.error("lease_lost", holder=self.holder, reason="another process replaced our lease")
+        while not self._stop.wait(self.ttl / 3):
+            if not self.renew():
                 return
-            except Exception as exc:  # a transient store error: keep trying until the lease would expire
-                log.warning("lease_renewal_failed", error=str(exc))
+
+    def renew(self) -> bool:
+        """Extend the lease; False (and `lost` set) when another process has replaced it."""
+        try:
+            self.etag = self.store.write_bytes_if_match(LEASE_KEY, self._record().to_bytes(), self.etag or "")
+        except ETagMismatch:
+            self.lost.set()
+            log.error("lease_lost", holder=self.holder, reason="another process replaced our lease")
+            return False
+        except Exception as exc:  # a transient store error: keep trying until the lease would expire
+            log.warning("lease_renewal_failed", error=str(exc))
+        return True
 
     def release(self) -> None:
         """Stop renewing and expire the lease at once, so the next start need not wait."""

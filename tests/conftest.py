@@ -5,6 +5,7 @@ S3 fixtures (a moto server on loopback) live in s3_fixtures.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -99,3 +100,59 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     result = run_job(*cpu_run_args(tmp, tiny_model_dir, "reference"))
     assert result.returncode == 0, result.stderr[-4000:]
     return result, tmp / "outputs" / "reference"
+
+
+class JobProcess:
+    """`entrypoint.py` running in the background, its JSON log lines collected as they arrive."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        import threading
+
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SFT_")}
+        full_env.update({"SFT_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        full_env.update(env or {})
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "entrypoint.py"), *args],
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[dict] = []
+        self.raw: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.raw.append(line)
+            with contextlib.suppress(json.JSONDecodeError):
+                self.lines.append(json.loads(line))
+
+    def wait_for(self, event: str, timeout: float = 180, **fields) -> dict:
+        """The first log line with this event (and these field values), waiting for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items()):
+                    return line
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(
+            f"no {event} {fields} within {timeout}s; exit={self.proc.poll()}\n{''.join(self.raw[-30:])}"
+        )
+
+    def events(self, name: str) -> list[dict]:
+        return [line for line in self.lines if line.get("event") == name]
+
+    def wait(self, timeout: float = 300) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)

@@ -1,0 +1,91 @@
+"""Checkpoint store rules without training: commit, verify and fall back, clean leftovers, retention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from job.checkpoints import (
+    CheckpointUploader,
+    check_scratch_space,
+    checkpoint_prefix,
+    clean_leftovers,
+    prepare_resume,
+    stored_checkpoints,
+)
+from job.errors import ConfigError
+from job.manifest import MANIFEST_NAME
+from job.storage import LocalStore, open_store
+
+
+def fake_checkpoint(root: Path, step: int, size: int = 1000) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes([step % 256]) * size)
+    (folder / "optimizer.pt").write_bytes(b"o" * 100)
+    (folder / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+    return folder
+
+
+def upload_all(store, local: Path, steps: list[int], keep: int = 10) -> CheckpointUploader:
+    uploader = CheckpointUploader(store, keep)
+    for step in steps:
+        uploader.submit(step, fake_checkpoint(local, step))
+    assert uploader.close(timeout=60) and uploader.error is None
+    return uploader
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalStore(tmp_path / "store" / "run")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"{bucket.uri}/runs/run", request.getfixturevalue("s3_settings"))
+
+
+def test_upload_commits_with_manifest_last_and_retains_keep(store, tmp_path) -> None:
+    uploader = upload_all(store, tmp_path / "local", [4, 8, 12], keep=2)
+    committed, keys = stored_checkpoints(store)
+    assert committed == [12, 8] and set(keys) == {8, 12}
+    assert uploader.newest_committed == 12
+    assert [p.name for p in (tmp_path / "local").iterdir()] == ["checkpoint-12"]  # older local copies removed
+    manifest = store.read_manifest(checkpoint_prefix(12))
+    assert manifest.meta == {"step": 12}
+    assert sorted(e.name for e in manifest.files) == ["model.safetensors", "optimizer.pt", "trainer_state.json"]
+
+
+def test_resume_picks_newest_that_verifies(store, tmp_path) -> None:
+    upload_all(store, tmp_path / "local", [4, 8, 12, 16])
+    # 16: a file truncated; 12: no manifest (a killed upload); 8: bytes flipped; 4: intact.
+    prefix16 = checkpoint_prefix(16)
+    store.write_bytes(f"{prefix16}/model.safetensors", b"\x10" * 10)
+    store.delete([f"{checkpoint_prefix(12)}/{MANIFEST_NAME}"])
+    store.write_bytes(f"{checkpoint_prefix(8)}/optimizer.pt", b"x" * 100)
+    found = prepare_resume(store, tmp_path / "resume")
+    assert found is not None and found[0] == 4
+    assert (found[1] / "trainer_state.json").read_text() == '{"global_step": 4}'
+
+
+def test_no_committed_checkpoint_means_fresh_start(store, tmp_path) -> None:
+    assert prepare_resume(store, tmp_path / "resume") is None
+
+
+def test_clean_leftovers_removes_uncommitted_prefixes_and_local_folders(store, tmp_path) -> None:
+    upload_all(store, tmp_path / "local", [4, 8])
+    store.delete([f"{checkpoint_prefix(8)}/{MANIFEST_NAME}"])
+    store.upload_file(
+        fake_checkpoint(tmp_path / "partial", 12) / "optimizer.pt", f"{checkpoint_prefix(12)}/optimizer.pt"
+    )
+    fake_checkpoint(tmp_path / "trainer", 9)
+    clean_leftovers(store, tmp_path / "trainer")
+    committed, keys = stored_checkpoints(store)
+    assert committed == [4] and set(keys) == {4}
+    assert not list((tmp_path / "trainer").iterdir())
+
+
+def test_scratch_space_check_names_the_size_needed(tmp_path) -> None:
+    check_scratch_space(tmp_path, checkpoint_bytes=1024, model_bytes_to_pull=0)
+    with pytest.raises(ConfigError) as info:
+        check_scratch_space(tmp_path, checkpoint_bytes=2**60, model_bytes_to_pull=0)
+    assert "needs about" in str(info.value) and "GiB" in str(info.value) and info.value.exit_code == 64

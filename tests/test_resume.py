@@ -1,0 +1,165 @@
+"""Preemption end to end: real signals and SIGKILLs on the real entrypoint, compared with an uninterrupted run.
+
+Every interrupted run here has the reference run's training config (24 steps, seed 42, float32 on CPU),
+so its final weights and per-step losses must equal the reference's bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import JobProcess, cpu_run_args, run_job
+from job.checkpoints import checkpoint_prefix, stored_checkpoints
+from job.manifest import MANIFEST_NAME
+from job.storage import open_store
+
+pytestmark = pytest.mark.slow
+
+CHECKPOINTING = ("--set", "checkpoint.every_steps=4", "--set", "checkpoint.keep=2")
+
+
+def assert_same_as_reference(reference_dir: Path, run_dir: Path) -> None:
+    ours = load_file(run_dir / "final" / "model.safetensors")
+    reference = load_file(reference_dir / "final" / "model.safetensors")
+    assert ours.keys() == reference.keys()
+    different = [k for k in ours if not torch.equal(ours[k], reference[k])]
+    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+    ours_losses = json.loads((run_dir / "final" / "metrics.json").read_text())["loss_per_step"]
+    reference_losses = json.loads((reference_dir / "final" / "metrics.json").read_text())["loss_per_step"]
+    assert ours_losses == reference_losses  # every step exactly once, identical losses
+
+
+def test_sigterm_saves_within_budget_then_resume_equals_uninterrupted(reference_run, tiny_model_dir, tmp_path) -> None:
+    _, reference_dir = reference_run
+    args = cpu_run_args(tmp_path, tiny_model_dir, "sigterm", *CHECKPOINTING, "--set", "checkpoint.grace_seconds=60")
+    job = JobProcess(*args)
+    job.wait_for("checkpoint_committed", step=8)
+    job.signal(signal.SIGTERM)
+    assert job.wait() == 75
+    decision = job.wait_for("preemption_signal")
+    assert decision["decision"] == "finish_step_and_save"
+    durable = job.wait_for("preempted")["newest_durable_step"]
+    assert durable > 8  # the save on SIGTERM was made and committed
+    run_dir = tmp_path / "outputs" / "sigterm"
+    store = open_store(str(run_dir))
+    committed, _ = stored_checkpoints(store)
+    assert committed == [durable, 8]  # retention: exactly `keep` committed checkpoints
+    assert not (run_dir / "final").exists()
+
+    # Damage the newest checkpoint (flipped bytes): the restart falls back to step 8.
+    weights = run_dir / checkpoint_prefix(durable) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    resumed = run_job(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.events("checkpoint_damaged_falling_back")[0]["step"] == durable
+    assert resumed.events("resuming")[0]["step"] == 8
+    assert_same_as_reference(reference_dir, run_dir)
+    assert stored_checkpoints(store) == ([], {})  # deleted once the final model committed
+    metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 8
+
+
+def test_sigkill_at_every_phase_of_a_save_on_s3(reference_run, tiny_model_dir, tmp_path, s3_bucket) -> None:
+    """Each start is killed at a different point of a checkpoint's life; each restart recovers by itself."""
+    _, reference_dir = reference_run
+    output = f"{s3_bucket.uri}/runs"
+    args = [*cpu_run_args(tmp_path, tiny_model_dir, "killed", *CHECKPOINTING), "--set", f"run.output={output}"]
+    # (fault for this start, the checkpoint it must resume from)
+    plan = [
+        ("mid_upload@8", None),  # dies with half of checkpoint 8 uploaded: 4 is the newest committed
+        ("before_manifest@12", 4),  # every file of 12 uploaded, no manifest: 8 is the newest committed
+        ("mid_retention@16", 8),  # 16 committed, 8's manifest deleted but not its files
+        ("after_local_save@20", 16),  # 20 saved locally, never uploaded
+    ]
+    store = open_store(f"{output}/killed")
+    for fault, expected_resume in plan:
+        job = run_job(*args, env={"SFT_FAULTS": fault})
+        assert job.returncode == -signal.SIGKILL, (fault, job.stderr[-3000:])
+        assert job.events("fault_injected")
+        resumed = job.events("resuming")
+        assert (resumed[0]["step"] if resumed else None) == expected_resume
+        committed, keys = stored_checkpoints(store)
+        for step in committed:  # whatever a crash leaves, committed checkpoints are whole
+            manifest = store.read_manifest(checkpoint_prefix(step))
+            names = {k.rsplit("/", 1)[-1] for k in keys[step]}
+            assert {e.name for e in manifest.files} | {MANIFEST_NAME} == names
+    final = run_job(*args)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert final.events("resuming")[0]["step"] == 16
+    assert final.events("uncommitted_checkpoint_removed")  # 8's leftover files
+    (tmp_path / "final-run").mkdir()
+    store.pull(tmp_path / "final-run" / "final", "final")
+    assert_same_as_reference(reference_dir, tmp_path / "final-run")
+    assert not [k for k in s3_bucket.list_keys("runs/killed/checkpoints")]
+
+
+def test_sigterm_without_budget_exits_at_once_and_second_signal_too(tiny_model_dir, tmp_path) -> None:
+    args = cpu_run_args(tmp_path, tiny_model_dir, "tight", *CHECKPOINTING, "--set", "checkpoint.grace_seconds=0.5")
+    job = JobProcess(*args)
+    job.wait_for("checkpoint_committed", step=4)
+    signalled = time.monotonic()
+    job.signal(signal.SIGTERM)
+    assert job.wait() == 75
+    assert time.monotonic() - signalled < 10
+    assert job.wait_for("preemption_signal")["decision"] == "stop_now_without_saving"
+    assert job.wait_for("preempted")["newest_durable_step"] == 4
+    store = open_store(str(tmp_path / "outputs" / "tight"))
+    assert stored_checkpoints(store)[0] == [4]  # no save was started after the signal
+
+    # Two signals in a row: the second exits at once, leaving the committed checkpoint intact.
+    args_roomy = [*args, "--set", "checkpoint.grace_seconds=60"]
+    job = JobProcess(*args_roomy)
+    job.wait_for("resuming", step=4)
+    job.wait_for("training_started")
+    job.signal(signal.SIGTERM)
+    job.signal(signal.SIGTERM)
+    assert job.wait() == 75
+    assert job.events("second_signal_exiting_now") or job.events("preempted")
+    manifest = store.read_manifest(checkpoint_prefix(4))
+    from job.manifest import verify_directory
+
+    assert verify_directory(tmp_path / "outputs" / "tight" / checkpoint_prefix(4), manifest) == []
+
+    # Config drift: a restart with other hyper-parameters is refused, naming the difference.
+    drift = run_job(*args, "--set", "train.learning_rate=1e-3")
+    assert drift.returncode == 64
+    assert "train.learning_rate: 0.003 -> 0.001" in drift.events("job_failed")[0]["error"]
+    allowed = JobProcess(*args, "--set", "train.learning_rate=1e-3", "--allow-config-change")
+    allowed.wait_for("config_changed_allowed")
+    allowed.wait_for("training_started")
+    allowed.signal(signal.SIGTERM)
+    assert allowed.wait() == 75
+    assert list((tmp_path / "outputs" / "tight" / "config-changes").glob("*.yaml"))
+
+
+def test_one_writer_per_run(tiny_model_dir, tmp_path) -> None:
+    """A live holder keeps the run (the second process exits 69); a dead one's lease is taken over."""
+    args = [
+        *cpu_run_args(tmp_path, tiny_model_dir, "leased", *CHECKPOINTING),
+        "--set", "run.lease_ttl_seconds=3",
+        "--set", "train.max_steps=400",
+    ]  # fmt: skip
+    first = JobProcess(*args)
+    first.wait_for("training_started")
+    second = run_job(*args)
+    assert second.returncode == 69
+    assert second.events("lease_held_waiting")
+    assert "kept renewing its lease" in second.events("job_failed")[0]["error"]
+    first.signal(signal.SIGKILL)
+    first.wait()
+    third = JobProcess(*args)
+    taken = third.wait_for("lease_taken_over")
+    assert taken["previous_holder"] == first.wait_for("lease_acquired")["holder"]
+    third.wait_for("training_started")
+    third.signal(signal.SIGTERM)
+    assert third.wait() == 75
