@@ -1,0 +1,37 @@
+"""Config drift: what defines a run is compared; where and how it runs is not."""
+
+from __future__ import annotations
+
+import yaml
+
+from job.config import load_config, to_yaml
+from job.drift import config_drift
+
+BASE = ["data.train=train.jsonl"]
+
+
+def resolved(*overrides: str) -> dict:
+    return yaml.safe_load(to_yaml(load_config(None, [*BASE, *overrides], environ={})))
+
+
+def test_hyper_parameters_model_and_data_are_drift() -> None:
+    first = resolved()
+    changed = resolved("train.learning_rate=1e-5", "model.revision=abc", "data.max_length=512", "train.eval_steps=5")
+    assert config_drift(first, changed) == [
+        "model.revision: None -> 'abc'",
+        "data.max_length: 2048 -> 512",
+        "train.eval_steps: None -> 5.0",
+        "train.learning_rate: 5e-06 -> 1e-05",
+    ]
+
+
+def test_placement_and_cadence_are_not_drift() -> None:
+    first = resolved()
+    moved = resolved(
+        "run.scratch=/elsewhere",
+        "checkpoint.grace_seconds=10",
+        "checkpoint.every_minutes=5",
+        "storage.max_attempts=3",
+        "train.logging_steps=1",
+    )
+    assert config_drift(first, moved) == []
