@@ -159,6 +159,8 @@ class CheckpointConfig:
     """Committed checkpoints kept in the store; older ones are deleted after a newer one commits."""
     grace_seconds: float = 25.0
     """Seconds the job may spend after SIGTERM; keep it below what the platform really gives."""
+    background_upload: bool = True
+    """Upload checkpoints while training continues; false blocks training until each one is committed."""
     delete_after_final: bool = True
     """Delete the run's checkpoints once the final model is committed."""
 

@@ -198,11 +198,13 @@ class CheckpointCallback(TrainerCallback):
     def __init__(
         self,
         every_minutes: float,
+        background: bool,
         uploader: CheckpointUploader,
         preemption: PreemptionHandler,
         lease_lost: Callable[[], bool],
     ) -> None:
         self.every_seconds = every_minutes * 60
+        self.background = background
         self.uploader = uploader
         self.preemption = preemption
         self.lease_lost = lease_lost
@@ -234,10 +236,18 @@ class CheckpointCallback(TrainerCallback):
         if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
             shutil.rmtree(path, ignore_errors=True)
             raise TrainingFailed(f"weights are not finite at step {step}; the checkpoint is not committed")
-        log.info("checkpoint_saved_locally", step=step, save_seconds=round(self.preemption.measured.save_seconds, 3))
         faults.maybe_kill("after_local_save", step)
         self.uploader.submit(step, path)
+        if not self.background:
+            self.uploader.wait()
         self._last_save = time.monotonic()
+        log.info(
+            "checkpoint_saved_locally",
+            step=step,
+            save_seconds=round(self.preemption.measured.save_seconds, 3),
+            blocked_seconds=round(self._last_save - self._save_started, 3),
+            background_upload=self.background,
+        )
 
 
 def build_trainer(
