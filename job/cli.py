@@ -89,7 +89,7 @@ def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool)
     """Check the config and every data record (file:line on errors); loads no weights, trains nothing."""
 
     def action(config: JobConfig) -> int:
-        from job.run import validate as run_validate
+        from job.prepare import validate as run_validate
 
         report = run_validate(config)
         if as_json:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,109 +30,25 @@ from job.checkpoints import (
     stored_checkpoints,
 )
 from job.config import JobConfig, redacted, to_yaml
-from job.data import Dataset, file_digests, load_dataset, split_for_eval
 from job.drift import config_drift
 from job.errors import ConfigError, Preempted, TrainingFailed
 from job.export import FINAL_PREFIX, publish_final, stage_final
 from job.lease import Lease
 from job.logs import get_logger
-from job.masking import TokenizedSet, apply_chat_template_choice, describe_example, tokenize_examples
+from job.masking import TokenizedSet
 from job.metrics import MetricsLog, read_step_metrics
-from job.model import ModelSource, load_model, load_tokenizer, resolve_source
+from job.model import ModelSource, load_model
 from job.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
-from job.storage import AlreadyExists, Store, fetch_input, open_store
+from job.prepare import prepare, scratch_dir
+from job.storage import AlreadyExists, Store, open_store
 
 log = get_logger(__name__)
 
 RESOLVED_CONFIG = "config.resolved.yaml"
 
 
-@dataclass
-class Prepared:
-    """Everything known before the weights load."""
-
-    dataset: Dataset
-    train: TokenizedSet
-    eval: TokenizedSet | None
-    source: ModelSource
-    tokenizer: Any
-    template_origin: str | None
-    data_digests: dict[str, str]
-
-
 def run_store(config: JobConfig) -> Store:
     return open_store(config.run.output, config.storage).child(config.run.name)
-
-
-def scratch_dir(config: JobConfig) -> Path:
-    return Path(config.run.scratch).absolute()
-
-
-def prepare(config: JobConfig) -> Prepared:
-    """Pull and validate the data, resolve the model, tokenize with masks. No weights are loaded."""
-    scratch = scratch_dir(config)
-    started = time.monotonic()
-    dataset = load_dataset(fetch_input(config.data.train, scratch, config.storage), config.data.format)
-    dataset, held_out = split_for_eval(dataset, config.data.eval_fraction, config.train.seed)
-    if config.data.eval:
-        held_out = load_dataset(fetch_input(config.data.eval, scratch, config.storage), dataset.format)
-    digests = file_digests(dataset.files)
-
-    source = resolve_source(config.model, scratch, config.storage)
-    tokenizer = load_tokenizer(source, config.model)
-    template_origin = None
-    if dataset.format == "messages":
-        template_origin = apply_chat_template_choice(tokenizer, config.data.chat_template)
-
-    def tokenize(part: Dataset) -> TokenizedSet:
-        return tokenize_examples(
-            part.examples, tokenizer, max_length=config.data.max_length, train_on=config.data.train_on
-        )
-
-    train = tokenize(dataset)
-    evaluation = tokenize(held_out) if held_out is not None else None
-    log.info(
-        "data_ready",
-        format=dataset.format,
-        train_examples=len(train.input_ids),
-        eval_examples=len(evaluation.input_ids) if evaluation else 0,
-        tokens=train.tokens,
-        trainable_tokens=train.trainable_tokens,
-        truncated=train.truncated,
-        dropped=len(train.dropped),
-        chat_template=template_origin,
-        seconds=round(time.monotonic() - started, 2),
-    )
-    log.info(
-        "example_masked",
-        source=train.sources[0],
-        note="trained tokens are between « and »",
-        text=describe_example(tokenizer, train.input_ids[0], train.labels[0]),
-    )
-    return Prepared(dataset, train, evaluation, source, tokenizer, template_origin, digests)
-
-
-def validate(config: JobConfig) -> dict[str, Any]:
-    """Config and data checks, with the statistics a user needs to size the run."""
-    prepared = prepare(config)
-    train = prepared.train
-    lengths = sorted(len(ids) for ids in train.input_ids)
-    per_step = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps
-    return {
-        "format": prepared.dataset.format,
-        "files": {str(f): d for f, d in prepared.data_digests.items()},
-        "records": len(prepared.dataset),
-        "examples": len(lengths),
-        "eval_examples": len(prepared.eval.input_ids) if prepared.eval else 0,
-        "tokens": train.tokens,
-        "trainable_tokens": train.trainable_tokens,
-        "truncated": train.truncated,
-        "dropped": len(train.dropped),
-        "max_length": config.data.max_length,
-        "length_max": lengths[-1],
-        "optimizer_steps_per_epoch": -(-len(lengths) // per_step),
-        "chat_template": prepared.template_origin,
-    }
 
 
 def train(config: JobConfig, *, allow_config_change: bool = False) -> dict[str, Any]:
