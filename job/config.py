@@ -182,20 +182,19 @@ class StorageConfig:
     checksums: Literal["when_required", "when_supported"] = "when_required"
     """When boto3 sends/validates CRC checksums; `when_supported` is the AWS default, which some stores reject."""
     max_attempts: int = 8
-    """Attempts per request (botocore `standard` retry mode) before exit 69."""
+    """Attempts per request, the first included (botocore `standard` retry mode), before exit 69."""
     connect_timeout: float = 10.0
     """Seconds to wait for a connection."""
     read_timeout: float = 60.0
     """Seconds to wait for a response."""
-    multipart_threshold_mb: int = 64
-    """Files above this size (MiB) transfer in parallel parts."""
-    multipart_chunksize_mb: int = 64
-    """Part size (MiB) of multipart transfers."""
-    max_concurrency: int = 8
-    """Parallel transfers (files and parts)."""
+    multipart_threshold_mb: int = 16
+    """Files of this size (MiB) or more transfer in parallel parts."""
+    multipart_chunksize_mb: int = 16
+    """Part size (MiB) of multipart transfers (raised automatically to stay within S3's 10,000 parts)."""
+    max_concurrency: int = 10
+    """Parallel requests (files and parts together); each part in flight holds one part in memory."""
     verify_etag: bool = True
-    """After a push, compare each object's ETag with the MD5 computed locally (skipped for SSE-KMS/SSE-C
-    objects, whose ETags are not MD5s); turn off for stores whose ETags are not MD5-based."""
+    """Check each pushed object's ETag against the local MD5 (skipped for SSE-KMS/SSE-C objects)."""
     progress_interval_seconds: float = 10.0
     """Seconds between progress lines (bytes done, MB/s, ETA) of a pull or push larger than a few MB."""
 

@@ -17,13 +17,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
-from s3_fixtures import aws_env
 
 from job.config import StorageConfig
 from job.errors import AccessDenied, InputNotFound, StorageUnavailable
 from job.manifest import MANIFEST_NAME
 from job.storage import fetch_input, open_store
 from job.storage.s3 import S3Store, pull_uri
+from s3_fixtures import aws_env
 
 MIB = 1024 * 1024
 SLOW_DOWN = (
@@ -266,3 +266,25 @@ def test_persistent_download_faults_exit_69(s3_bucket, s3_settings, tmp_path):
     with pytest.raises(StorageUnavailable):
         pull_uri(f"{s3_bucket.uri}/data/train.jsonl", tmp_path / "x", s3_settings)
     assert not [p for p in (tmp_path / "x").rglob("*.jsonl")]  # no half file left as data
+
+
+def test_retried_single_put_still_gets_the_right_manifest(s3_bucket, s3_settings, tmp_path):
+    """A retried PutObject reads its body twice; the manifest's sha256 must still be the file's."""
+    import hashlib
+
+    from job.manifest import Manifest
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_bytes(b'{"a": 1}' * 1000)
+    store = S3Store(s3_bucket.uri, s3_settings)
+    tries: Counter[str] = Counter()
+
+    def busy_once(request, **kwargs):
+        tries[request.url] += 1
+        return slow_down(request.url) if tries[request.url] == 1 and "config.json" in request.url else None
+
+    store.client.meta.events.register("before-send.s3.PutObject", busy_once)
+    store.push_directory(tmp_path / "src", "final")
+    assert max(tries.values()) == 2
+    manifest = Manifest.from_json(s3_bucket.get("final/MANIFEST.json"))
+    assert manifest.files[0].sha256 == hashlib.sha256(b'{"a": 1}' * 1000).hexdigest()

@@ -252,3 +252,17 @@ def test_abort_incomplete_uploads(s3_bucket, s3_settings):
     assert store.abort_incomplete_uploads("ck") == 2
     left = client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", [])
     assert [u["Key"] for u in left] == ["other/c.bin"]
+
+
+def test_push_hashes_each_file_while_uploading_it(s3_bucket, s3_settings, tmp_path, monkeypatch):
+    """sha256 and the expected ETag come from the bytes s3transfer reads: no second pass over big files."""
+    from job.storage import s3_sync
+
+    source = tmp_path / "src"
+    files = make_tree(source)
+    rehashed = []
+    real = s3_sync.hash_file
+    monkeypatch.setattr(s3_sync, "hash_file", lambda path, *a: (rehashed.append(path.name), real(path, *a))[1])
+    manifest = S3Store(s3_bucket.uri, s3_settings).push_directory(source, "p")
+    assert {e.name: e.sha256 for e in manifest.files} == {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
+    assert not [name for name in rehashed if name.endswith(".safetensors")], rehashed

@@ -247,10 +247,10 @@ def pull_uri(uri: str, destination: Path, settings: StorageConfig | None = None)
             name = key.rsplit("/", 1)[-1]
             safe_relative_path(name)
             prefix = key.rsplit("/", 1)[0] if "/" in key else ""
-            s3_sync.pull_objects(store, [single], prefix, content, record)
+            s3_sync.pull_objects(store, [single], prefix, content, record, uri)
             return content / name
     objects = store._list_full(f"{key}/" if key else "", key)
     if not any(not info.key.endswith("/") for info in objects):
         raise InputNotFound(f"{uri}: no such object, and no objects under this prefix")
-    s3_sync.pull_objects(store, objects, key, content, record)
+    s3_sync.pull_objects(store, objects, key, content, record, uri)
     return content

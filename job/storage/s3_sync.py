@@ -14,7 +14,6 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,30 +67,100 @@ class _Subscriber(BaseSubscriber):
             self._on_done()
 
 
+class Digest:
+    """sha256 of a file (for the manifest) and the ETag S3 gives it (MD5, or MD5 of part MD5s plus
+    "-N" for a multipart upload, with s3transfer's part size), fed with the bytes in order."""
+
+    def __init__(self, size: int, threshold: int, chunksize: int) -> None:
+        self.size, self.count = size, 0
+        self.multipart = size >= threshold
+        self.part_size = ChunksizeAdjuster().adjust_chunksize(chunksize, size) if self.multipart else 0
+        self._sha, self._md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+        self._parts: list[bytes] = []
+        self._in_part = 0
+
+    def update(self, data: bytes) -> None:
+        self.count += len(data)
+        self._sha.update(data)
+        view = memoryview(data)
+        while view.nbytes:
+            take = view.nbytes if not self.multipart else min(view.nbytes, self.part_size - self._in_part)
+            self._md5.update(view[:take])
+            view = view[take:]
+            self._in_part += take
+            if self.multipart and self._in_part == self.part_size:
+                self._parts.append(self._md5.digest())
+                self._md5, self._in_part = hashlib.md5(usedforsecurity=False), 0
+
+    def result(self) -> tuple[int, str, str]:
+        """(size, sha256, ETag)."""
+        if not self.multipart:
+            return self.count, self._sha.hexdigest(), self._md5.hexdigest()
+        parts = self._parts + ([self._md5.digest()] if self._in_part or not self._parts else [])
+        return (
+            self.count,
+            self._sha.hexdigest(),
+            f"{hashlib.md5(b''.join(parts), usedforsecurity=False).hexdigest()}-{len(parts)}",
+        )
+
+
 def hash_file(path: Path, threshold: int, chunksize: int) -> tuple[int, str, str]:
-    """(size, sha256, the ETag S3 computes) in one read; the ETag follows s3transfer's part sizes."""
-    size = path.stat().st_size
-    multipart = size >= threshold
-    part_size = ChunksizeAdjuster().adjust_chunksize(chunksize, size) if multipart else 0
-    sha, whole, part = hashlib.sha256(), hashlib.md5(usedforsecurity=False), hashlib.md5(usedforsecurity=False)
-    parts: list[bytes] = []
-    in_part = 0
+    """(size, sha256, the ETag S3 computes) in one read."""
+    digest = Digest(path.stat().st_size, threshold, chunksize)
     with path.open("rb") as handle:
-        while block := handle.read(min(_BLOCK, part_size - in_part) if multipart else _BLOCK):
-            sha.update(block)
-            if not multipart:
-                whole.update(block)
-                continue
-            part.update(block)
-            in_part += len(block)
-            if in_part == part_size:
-                parts.append(part.digest())
-                part, in_part = hashlib.md5(usedforsecurity=False), 0
-    if not multipart:
-        return size, sha.hexdigest(), whole.hexdigest()
-    if in_part or not parts:
-        parts.append(part.digest())
-    return size, sha.hexdigest(), f"{hashlib.md5(b''.join(parts), usedforsecurity=False).hexdigest()}-{len(parts)}"
+        while block := handle.read(_BLOCK):
+            digest.update(block)
+    return digest.result()
+
+
+class HashingReader:
+    """The file as s3transfer reads it, hashed on the way: each byte is read from disk once.
+
+    s3transfer reads a multipart upload's parts in order; any other pattern (a retried single
+    PUT reading its body again) marks the digest unusable, and the file is hashed separately."""
+
+    def __init__(self, path: Path, threshold: int, chunksize: int) -> None:
+        self.path, self._sizes = path, (threshold, chunksize)
+        self._file = path.open("rb")
+        self.digest = Digest(path.stat().st_size, threshold, chunksize)
+        self._position = 0
+        self.in_order = True
+
+    def read(self, amount: int = -1) -> bytes:
+        data = self._file.read(amount)
+        if self._position != self.digest.count:
+            self.in_order = False
+        elif self.in_order:
+            self.digest.update(data)
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._position = self._file.seek(offset, whence)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> HashingReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def result(self) -> tuple[int, str, str]:
+        if self.in_order and self.digest.count == self.digest.size:
+            return self.digest.result()
+        return hash_file(self.path, *self._sizes)
 
 
 def push_directory(store: S3Store, source: Path, prefix: str, meta: dict | None) -> Manifest:
@@ -102,22 +171,26 @@ def push_directory(store: S3Store, source: Path, prefix: str, meta: dict | None)
     names = [p.relative_to(source).as_posix() for p in files]
     transfer = store.connection.transfer
     total = sum(p.stat().st_size for p in files)
-    hashers = ThreadPoolExecutor(max_workers=min(4, max(1, len(files))), thread_name_prefix="storage-hash")
+    readers = [HashingReader(path, transfer.multipart_threshold, transfer.multipart_chunksize) for path in files]
     try:
         with Progress("push", uri, total, store.settings.progress_interval_seconds, files=len(files)) as progress:
-            sizes = (transfer.multipart_threshold, transfer.multipart_chunksize)
-            hashes = [hashers.submit(hash_file, path, *sizes) for path in files]
-            subscribers = [_Subscriber(progress)]
             with translate_errors(uri, store.connection), store.transfer_manager() as manager:
                 uploads = [
-                    manager.upload(str(path), store.bucket, store.full_key(join_key(prefix, name)), None, subscribers)
-                    for path, name in zip(files, names, strict=True)
+                    manager.upload(
+                        reader,
+                        store.bucket,
+                        store.full_key(join_key(prefix, name)),
+                        None,
+                        [_Subscriber(progress, reader.digest.size)],
+                    )
+                    for reader, name in zip(readers, names, strict=True)
                 ]
                 for upload in uploads:
                     upload.result()
-            digests = [future.result() for future in hashes]
+            digests = [reader.result() for reader in readers]
     finally:
-        hashers.shutdown(wait=True, cancel_futures=True)
+        for reader in readers:
+            reader.close()
     problems = [
         problem
         for name, (size, _, etag) in zip(names, digests, strict=True)
@@ -203,10 +276,17 @@ class PullRecord:
 
 
 def pull_objects(
-    store: S3Store, objects: list[ObjectInfo], prefix: str, destination: Path, record_path: Path | None
+    store: S3Store,
+    objects: list[ObjectInfo],
+    prefix: str,
+    destination: Path,
+    record_path: Path | None,
+    uri: str | None = None,
 ) -> list[Path]:
-    """Download `objects` (keys relative to `store`, under `prefix`) into `destination`, skipping unchanged ones."""
-    uri = store.uri_of(prefix)
+    """Download `objects` (keys relative to `store`, under `prefix`) into `destination`, skipping unchanged ones.
+
+    `uri` names the source in logs and errors (default: the prefix's URI)."""
+    uri = uri or store.uri_of(prefix)
     plan = plan_pull(objects, prefix)  # every key checked before anything is written
     record = PullRecord(record_path or destination / PULL_RECORD, uri)
     todo = [(info, rel) for info, rel in plan if not record.unchanged(rel.as_posix(), destination / rel, info)]
