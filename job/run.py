@@ -109,7 +109,15 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[
         as_hf(prepared.eval) if prepared.eval else None,
         trainer_dir,
         device,
-        extra_callbacks=[CheckpointCallback(config.checkpoint.every_minutes, uploader, preemption, lease.lost.is_set)],
+        extra_callbacks=[
+            CheckpointCallback(
+                config.checkpoint.every_minutes,
+                config.checkpoint.background_upload,
+                uploader,
+                preemption,
+                lease.lost.is_set,
+            )
+        ],
         sink=metrics_log.add,
     )
     if resume:
