@@ -101,6 +101,41 @@ def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool)
     return _execute(config_path, overrides, action)
 
 
+@cli.command(epilog=ENVIRONMENT_HELP)
+@click.argument("run_uri", required=False, metavar="[RUN_URI]")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
+def status(run_uri: str | None, config_path: str | None, overrides: tuple[str, ...], as_json: bool) -> int:
+    """Where a run stands (phase, checkpoints, lease, final output, last metrics), read from the store only.
+
+    RUN_URI is <run.output>/<run.name> (e.g. s3://bucket/runs/my-run); without it the run is
+    taken from the config. Exits 0 when the run could be read, 66 when there is no such run.
+    """
+
+    def show(store: Any) -> int:
+        from job.status import render_status, run_status
+
+        report = run_status(store)
+        click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
+        return 0
+
+    if run_uri:
+        return _guarded(lambda: show(_open(run_uri)))
+
+    def action(config: JobConfig) -> int:
+        from job.run import run_store
+
+        return show(run_store(config))
+
+    return _execute(config_path, overrides, action)
+
+
+def _open(uri: str) -> Any:
+    from job.storage import open_store
+
+    return open_store(uri.rstrip("/"))
+
+
 @cli.command(name="config", epilog=ENVIRONMENT_HELP)
 @config_options
 @click.option("--reference", is_flag=True, help="Print every key with its default and variable (Markdown).")
@@ -126,10 +161,19 @@ def config_reference_markdown() -> str:
 
 def _execute(config_path: str | None, overrides: tuple[str, ...], action: Callable[[JobConfig], int]) -> int:
     """Load the config and run `action`, turning every failure into its exit code."""
-    try:
+
+    def load_and_act() -> int:
         config = load_config(config_path, overrides, read_text=_read_remote_config)
         bind_run(run=config.run.name)
         return action(config)
+
+    return _guarded(load_and_act)
+
+
+def _guarded(body: Callable[[], int]) -> int:
+    """Run `body`, mapping JobError subclasses to their exit codes: the only place that does."""
+    try:
+        return body()
     except JobError as exc:
         log.error(
             "job_failed",

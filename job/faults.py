@@ -1,7 +1,8 @@
 """Test-only fault injection: SIGKILL ourselves at a named point of a checkpoint's life.
 
 `SFT_FAULTS=mid_upload@4,mid_retention@8` kills the process at those points for those steps,
-leaving the store exactly as a crash there would. Unset in production: every call is a no-op.
+leaving the store exactly as a crash there would; `nan_loss@N` poisons step N's loss.
+Unset in production: every call is a no-op.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from job.logs import get_logger
 
 log = get_logger(__name__)
 
-POINTS = ("after_local_save", "mid_upload", "before_manifest", "mid_retention")
+POINTS = ("after_local_save", "mid_upload", "before_manifest", "mid_retention", "nan_loss")
 
 
 @cache

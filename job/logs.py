@@ -7,9 +7,12 @@ machine-readable. Every line carries the run name once it is bound.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -112,3 +115,43 @@ def bind_run(**fields: Any) -> None:
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+class Heartbeat:
+    """A `heartbeat` line every `interval` seconds while a long phase runs, so a silent pod is never a mystery."""
+
+    def __init__(self, phase: str, interval: float | None = None, **fields: Any) -> None:
+        self.phase, self.fields = phase, fields
+        self.interval = interval if interval is not None else float(os.environ.get("SFT_HEARTBEAT_SECONDS", "30"))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.started = 0.0
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Heartbeat:
+        self.started = time.monotonic()
+        self._stop.clear()
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._beat,), name=f"heartbeat-{self.phase}")
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        import time
+
+        log = get_logger("job.heartbeat")
+        while not self._stop.wait(self.interval):
+            log.info(
+                "heartbeat", phase=self.phase, elapsed_seconds=round(time.monotonic() - self.started, 1), **self.fields
+            )
+
+    def stop(self) -> float:
+        """Stop beating; returns the phase's seconds."""
+        self._stop.set()
+        return time.monotonic() - self.started

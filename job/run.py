@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from job.checkpoints import (
@@ -31,15 +32,16 @@ from job.checkpoints import (
 )
 from job.config import JobConfig, redacted, to_yaml
 from job.drift import config_drift
-from job.errors import ConfigError, Preempted, TrainingFailed
+from job.errors import ConfigError, JobError, Preempted, TrainingFailed
 from job.export import FINAL_PREFIX, publish_final, stage_final
 from job.lease import Lease
-from job.logs import get_logger
+from job.logs import Heartbeat, get_logger
 from job.masking import TokenizedSet
 from job.metrics import MetricsLog, read_step_metrics
 from job.model import ModelSource, load_model
 from job.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
 from job.prepare import prepare, scratch_dir
+from job.status import record_failure
 from job.storage import AlreadyExists, Store, open_store
 
 log = get_logger(__name__)
@@ -65,15 +67,19 @@ def train(config: JobConfig, *, allow_config_change: bool = False) -> dict[str, 
             return {"already_complete": True}
         _check_config_drift(store, config, allow_config_change)
         return _train_holding_lease(config, store, lease)
+    except JobError as exc:
+        if not exc.retryable:
+            record_failure(store, exc.exit_code, exc.message)
+        raise
     finally:
         lease.release()
 
 
 def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[str, Any]:
-    timings: dict[str, float] = {}
-    started = time.monotonic()
-    prepared = prepare(config)
-    timings["prepare_seconds"] = time.monotonic() - started
+    timings: dict[str, Any] = {}
+    with Heartbeat("prepare") as beat:  # pulls data and model, tokenizes
+        prepared = prepare(config)
+    timings["prepare_seconds"] = beat.stop()
 
     from datasets import Dataset as HFDataset
 
@@ -88,15 +94,20 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[
     resume = prepare_resume(store, work / "resume")
 
     device = detect_device()
-    started = time.monotonic()
-    model = load_model(prepared.source, config.model, device)
-    timings["load_seconds"] = time.monotonic() - started
+    with Heartbeat("load_model") as beat:
+        model = load_model(prepared.source, config.model, device)
+    timings["load_seconds"] = beat.stop()
 
     metrics_log = MetricsLog(store)
     preemption = PreemptionHandler(config.checkpoint.grace_seconds, Measurements())
-    uploader = CheckpointUploader(
-        store, config.checkpoint.keep, on_committed=lambda result: _on_committed(result, preemption, metrics_log)
-    )
+    uploader_timings: dict[str, list[float]] = {"save": [], "upload": []}
+
+    def on_committed(result: UploadResult) -> None:
+        uploader_timings["save"].append(round(preemption.measured.save_seconds or 0.0, 3))
+        uploader_timings["upload"].append(round(result.seconds, 3))
+        _on_committed(result, preemption, metrics_log)
+
+    uploader = CheckpointUploader(store, config.checkpoint.keep, on_committed=on_committed)
 
     def as_hf(part: TokenizedSet) -> HFDataset:
         return HFDataset.from_dict({"input_ids": part.input_ids, "labels": part.labels})
@@ -128,13 +139,20 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[
         trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     except PreemptedNow:
         pass
-    except TrainingFailed:
+    except (TrainingFailed, torch.OutOfMemoryError) as exc:
         uploader.wait(timeout=config.checkpoint.grace_seconds)  # keep the last good checkpoint durable
         metrics_log.flush()
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise TrainingFailed(
+                f"CUDA out of memory at step {trainer.state.global_step}: {str(exc).splitlines()[0]}",
+                hint="check `python entrypoint.py plan`; lower per_device_train_batch_size or data.max_length",
+            ) from None
         raise
     finally:
         preemption.training_done = True
     timings["train_seconds"] = time.monotonic() - started
+    timings["checkpoint_save_seconds"] = uploader_timings["save"]
+    timings["checkpoint_upload_seconds"] = uploader_timings["upload"]
     if preemption.requested:
         _stop_preempted(store, uploader, preemption, metrics_log, resume[0] if resume else None)
 
@@ -150,7 +168,7 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[
 
     from job.card import render_card
 
-    started = time.monotonic()
+    publishing = Heartbeat("publish").start()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     card = render_card(
         config,
@@ -168,7 +186,7 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[
         metrics={**metrics, "timings": timings},
     )
     publish_final(store, staging)
-    timings["publish_seconds"] = time.monotonic() - started
+    timings["publish_seconds"] = publishing.stop()
     preemption.uninstall()
     if config.checkpoint.delete_after_final:
         _, keys = stored_checkpoints(store)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +96,10 @@ class StepRecord:
     learning_rate: float | None = None
     grad_norm: float | None = None
     seconds: float = 0.0
+    max_steps: int | None = None
+    tokens_per_second: float | None = None
+    mfu: float | None = None
+    """Model FLOPs utilisation on a GPU with a known peak (None on CPU)."""
 
 
 class JobTrainer(SFTTrainer):
@@ -104,6 +109,21 @@ class JobTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.pending_loss = 0.0
         self.pending_tokens = 0
+        self.pending_grad_norm: float | None = None
+
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if faults.armed("nan_loss", self.state.global_step + 1):
+            loss = result[0] if isinstance(result, tuple) else result
+            poisoned = loss * float("nan")  # flows through backward into the weights, as a real blow-up would
+            return (poisoned, *result[1:]) if isinstance(result, tuple) else poisoned
+        return result
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        # Trainer computes the norm every step but logs it only at logging steps: keep each one.
+        value = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.pending_grad_norm = None if value is None else float(value)
+        return value
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         labels = inputs.get("labels")
@@ -142,15 +162,36 @@ class StepMetrics(TrainerCallback):
             loss=self.trainer.pending_loss,
             tokens=self.trainer.pending_tokens,
             seconds=now - self._last_step_time,
+            max_steps=state.max_steps,
+            grad_norm=self.trainer.pending_grad_norm,
         )
+        record.tokens_per_second = round(record.tokens / record.seconds, 2) if record.seconds > 0 else None
         self.trainer.pending_loss, self.trainer.pending_tokens = 0.0, 0
         self._last_step_time = now
         self._window_tokens += record.tokens
         self.steps.append(record)
         if self.sink is not None:
             self.sink(record)
-        if not math.isfinite(record.loss):
-            raise TrainingFailed(f"loss is {record.loss} at step {record.step}", hint="lower the learning rate")
+        self._check_health(record)
+
+    def _check_health(self, record: StepRecord) -> None:
+        """Stop on a blow-up (exit 70: a retry repeats it); warn when throughput collapses."""
+        for name, value in (("loss", record.loss), ("grad norm", record.grad_norm)):
+            if value is not None and not math.isfinite(value):
+                raise TrainingFailed(
+                    f"{name} is {value} at step {record.step}; the newest committed checkpoint precedes it",
+                    hint="lower train.learning_rate, raise warm-up, or check the data around this step",
+                )
+        speeds = [r.tokens_per_second for r in self.steps[-50:-1] if r.tokens_per_second]
+        if len(speeds) >= 10 and record.tokens_per_second is not None:
+            median = statistics.median(speeds)
+            if record.tokens_per_second < 0.5 * median:
+                log.warning(
+                    "throughput_dropped",
+                    step=record.step,
+                    tokens_per_second=record.tokens_per_second,
+                    running_median=round(median, 1),
+                )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
