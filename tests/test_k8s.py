@@ -201,6 +201,15 @@ def test_worst_case_counts_per_crash_model():
     assert LEASE_HEARTBEAT_S * 3 == LEASE_TTL_S  # the design's ratio: two missed heartbeats still hold
 
 
+def test_lease_assumption_matches_the_job(overlay):
+    config_mod = pytest.importorskip("job.config", reason="the job package holds the lease TTL default")
+    assert config_mod.RunConfig().lease_ttl_seconds == LEASE_TTL_S, "re-derive backoffLimit for the new TTL"
+    docs = render(overlay)
+    _, config = config_file(docs, the_job(docs))
+    env = literal_env(train_container(the_job(docs)))
+    assert "lease_ttl_seconds" not in config.get("run", {}) and "SFT_RUN__LEASE_TTL_SECONDS" not in env
+
+
 def test_replacement_backoff_and_deadlines(overlay):
     spec = the_job(render(overlay))["spec"]
     assert spec["podReplacementPolicy"] == "Failed", "a replacement must never overlap its predecessor"
