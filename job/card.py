@@ -1,14 +1,48 @@
-"""The model card (`final/README.md`) in the Hugging Face format: YAML front matter, then facts."""
+"""The model card (`final/README.md`) in the Hugging Face format, with its training-curve plot.
+
+YAML front matter (base_model, license placeholder, tags, datasets), then the facts an owner
+needs afterwards: data fingerprint and statistics, hardware, wall time, tokens, throughput,
+eval results, preemptions survived, the full resolved config, and `training_curves.png`
+(loss, learning rate and eval loss per step, read from the run's metrics chunks).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from job import __version__
 from job.config import JobConfig, to_yaml
+
+PLOT_NAME = "training_curves.png"
+
+
+def plot_curves(steps: list[dict[str, Any]], evals: list[tuple[int, float]] | None = None) -> Any:
+    """A matplotlib Figure: loss (and eval loss) above, learning rate below, one point per logged step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a container
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 6), dpi=100)
+    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True)
+    xs = [s["step"] for s in steps]
+    loss_axes.plot(xs, [s["loss"] for s in steps], label="train loss", linewidth=1)
+    if evals:
+        loss_axes.plot([e[0] for e in evals], [e[1] for e in evals], "o-", label="eval loss")
+    loss_axes.set_ylabel("loss")
+    loss_axes.legend()
+    loss_axes.grid(alpha=0.3)
+    lr_steps = [s for s in steps if s.get("learning_rate") is not None]
+    lr_axes.plot([s["step"] for s in lr_steps], [s["learning_rate"] for s in lr_steps], color="tab:green")
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_xlabel("optimizer step")
+    lr_axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
 
 
 def render_card(
@@ -18,6 +52,8 @@ def render_card(
     revision: str | None,
     data_files: dict[str, str],
     metrics: dict[str, Any],
+    facts: dict[str, Any] | None = None,
+    plot: str | None = PLOT_NAME,
 ) -> str:
     front = {
         "base_model": base_model,
@@ -28,7 +64,8 @@ def render_card(
         "datasets": sorted(data_files),
     }
     files = "\n".join(f"| `{name}` | `{digest}` |" for name, digest in sorted(data_files.items()))
-    shown = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    shown = {k: v for k, v in {**metrics, **(facts or {})}.items() if not isinstance(v, (list, dict))}
+    curves = f"\n## Training curves\n\n![loss and learning rate]({plot})\n" if plot else ""
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -47,15 +84,21 @@ trained by sft-job {__version__} with TRL's `SFTTrainer`.
 Format `{metrics.get("data_format", config.data.format)}`, loss on `{config.data.train_on}` tokens,
 max length {config.data.max_length}.
 
-## Results
+## Results and run facts
 
 ```json
 {json.dumps(shown, indent=2, sort_keys=True)}
 ```
-
+{curves}
 ## Resolved configuration
 
 ```yaml
 {to_yaml(config).strip()}
 ```
 """
+
+
+def write_plot(figure: Any, directory: Path) -> Path:
+    path = directory / PLOT_NAME
+    figure.savefig(path, format="png")
+    return path

@@ -30,6 +30,7 @@ def stage_final(
     max_shard_size: str,
     card: str,
     metrics: dict[str, Any],
+    figure: Any | None = None,
 ) -> Path:
     """Write everything `final/` holds into a fresh `staging` directory."""
     shutil.rmtree(staging, ignore_errors=True)
@@ -39,6 +40,10 @@ def stage_final(
     tokenizer.save_pretrained(staging)
     (staging / "README.md").write_text(card, encoding="utf-8")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if figure is not None:
+        from job.card import write_plot
+
+        write_plot(figure, staging)
     pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise JobError(f"refusing to publish pickle files: {pickles}")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ from job.storage import AlreadyExists, Store, open_store
 log = get_logger(__name__)
 
 RESOLVED_CONFIG = "config.resolved.yaml"
+STARTS_PREFIX = "logs/starts"
+"""One object per start of the run: starts - 1 = preemptions (and crashes) survived."""
 
 
 def run_store(config: JobConfig) -> Store:
@@ -66,6 +69,7 @@ def train(config: JobConfig, *, allow_config_change: bool = False) -> dict[str, 
             log.info("already_complete", uri=f"{store.uri}/{FINAL_PREFIX}")
             return {"already_complete": True}
         _check_config_drift(store, config, allow_config_change)
+        store.write_bytes(f"{STARTS_PREFIX}/{time.time():.3f}.json", json.dumps({"holder": lease.holder}).encode())
         return _train_holding_lease(config, store, lease)
     except JobError as exc:
         if not exc.retryable:
@@ -160,31 +164,18 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[
     if uploader.error is not None:
         raise uploader.error
     metrics_log.flush()
+    steps = read_step_metrics(store)  # every start's steps, each once
     metrics: dict[str, Any] = {**step_metrics.summary(), "data_format": prepared.dataset.format}
-    metrics["loss_per_step"] = [[r["step"], r["loss"]] for r in read_step_metrics(store)]
+    metrics["loss_per_step"] = [[r["step"], r["loss"]] for r in steps]
     metrics["resumed_from_step"] = resume[0] if resume else None
+    metrics["tokens_seen"] = sum(r.get("tokens", 0) for r in steps)
+    evals = list(step_metrics.evals)
     if prepared.eval:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-
-    from job.card import render_card
+        evals.append((trainer.state.global_step, metrics["eval_loss"]))
 
     publishing = Heartbeat("publish").start()
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    card = render_card(
-        config,
-        base_model=config.model.source,
-        revision=config.model.revision,
-        data_files=prepared.data_digests,
-        metrics=metrics,
-    )
-    staging = stage_final(
-        work / "final-staging",
-        unwrapped,
-        prepared.tokenizer,
-        max_shard_size=config.run.max_shard_size,
-        card=card,
-        metrics={**metrics, "timings": timings},
-    )
+    staging = _stage(config, store, prepared, trainer, work, metrics, timings, steps, evals)
     publish_final(store, staging)
     timings["publish_seconds"] = publishing.stop()
     preemption.uninstall()
@@ -195,6 +186,53 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[
         log.info("checkpoints_deleted_after_final", count=len(keys))
     log.info("run_finished", metrics={k: v for k, v in metrics.items() if k != "loss_per_step"}, timings=timings)
     return metrics
+
+
+def _stage(
+    config: JobConfig,
+    store: Store,
+    prepared: Any,
+    trainer: Any,
+    work: Path,
+    metrics: dict[str, Any],
+    timings: dict[str, Any],
+    steps: list[dict[str, Any]],
+    evals: list[tuple[int, float]],
+) -> Path:
+    """Card (with curves and run facts), metrics, weights and tokenizer in a staging directory."""
+    from job.card import plot_curves, render_card
+
+    facts = {
+        "hardware": _hardware(),
+        "preemptions_survived": max(len(store.list(STARTS_PREFIX)) - 1, 0),
+        "wall_seconds_this_start": round(sum(v for v in timings.values() if isinstance(v, float)), 1),
+        "torch": torch.__version__,
+    }
+    card = render_card(
+        config,
+        base_model=config.model.source,
+        revision=config.model.revision,
+        data_files=prepared.data_digests,
+        metrics=metrics,
+        facts=facts,
+    )
+    return stage_final(
+        work / "final-staging",
+        trainer.accelerator.unwrap_model(trainer.model),
+        prepared.tokenizer,
+        max_shard_size=config.run.max_shard_size,
+        card=card,
+        metrics={**metrics, **facts, "timings": timings},
+        figure=plot_curves(steps, evals),
+    )
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB)"
+    import platform
+
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _on_committed(result: UploadResult, preemption: PreemptionHandler, metrics_log: MetricsLog) -> None:

@@ -143,16 +143,24 @@ class StepMetrics(TrainerCallback):
     sink: Callable[[StepRecord], None] | None = None
     """Receives every step record (the run's metrics log)."""
     steps: list[StepRecord] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    """(step, eval loss) of evaluations during training (train.eval_strategy)."""
     started: float = field(default_factory=time.monotonic)
     first_step: int | None = None
     _window_tokens: int = 0
     _window_started: float = field(default_factory=time.monotonic)
     _last_step_time: float = field(default_factory=time.monotonic)
+    _learning_rate: float | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = self._window_started = self._last_step_time = time.monotonic()
         self.first_step = state.global_step
         log.info("training_started", max_steps=state.max_steps, start_step=state.global_step)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Between optimizer.step() and the scheduler's step: the learning rate this step used.
+        assert self.trainer is not None
+        self._learning_rate = float(self.trainer._get_learning_rate())
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         assert self.trainer is not None
@@ -164,6 +172,7 @@ class StepMetrics(TrainerCallback):
             seconds=now - self._last_step_time,
             max_steps=state.max_steps,
             grad_norm=self.trainer.pending_grad_norm,
+            learning_rate=self._learning_rate,
         )
         record.tokens_per_second = round(record.tokens / record.seconds, 2) if record.seconds > 0 else None
         self.trainer.pending_loss, self.trainer.pending_tokens = 0.0, 0
@@ -197,11 +206,11 @@ class StepMetrics(TrainerCallback):
         logs = logs or {}
         if "loss" not in logs or not self.steps:
             if "eval_loss" in logs:
+                self.evals.append((state.global_step, logs["eval_loss"]))
                 log.info("eval", step=state.global_step, eval_loss=logs["eval_loss"])
             return
         now = time.monotonic()
         last = self.steps[-1]
-        last.learning_rate, last.grad_norm = logs.get("learning_rate"), logs.get("grad_norm")
         done = state.global_step - (self.first_step or 0)
         elapsed = now - self.started
         remaining = max(state.max_steps - state.global_step, 0)
@@ -212,8 +221,8 @@ class StepMetrics(TrainerCallback):
             max_steps=state.max_steps,
             epoch=round(state.epoch or 0.0, 4),
             loss=round(last.loss, 6),
-            learning_rate=logs.get("learning_rate"),
-            grad_norm=logs.get("grad_norm"),
+            learning_rate=last.learning_rate,
+            grad_norm=last.grad_norm,
             tokens_per_second=round(self._window_tokens / window, 1),
             elapsed_seconds=round(elapsed, 1),
             eta_seconds=round(elapsed / done * remaining, 1) if done else None,

@@ -90,6 +90,27 @@ def test_metrics_and_card(reference_run) -> None:
     assert "learning_rate: 0.003" in card  # the resolved config
 
 
+def test_card_plot_covers_exactly_the_logged_steps(reference_run) -> None:
+    from job.card import PLOT_NAME, plot_curves
+    from job.metrics import read_step_metrics
+    from job.storage import LocalStore
+
+    _, run_dir = reference_run
+    steps = read_step_metrics(LocalStore(run_dir))
+    metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
+    figure = plot_curves(steps, [(24, metrics["eval_loss"])])
+    train_line, eval_line = figure.axes[0].lines
+    assert list(train_line.get_xdata()) == list(range(1, 25))
+    assert list(train_line.get_ydata()) == [loss for _, loss in metrics["loss_per_step"]]
+    assert list(eval_line.get_xdata()) == [24]
+    assert list(figure.axes[1].lines[0].get_xdata()) == list(range(1, 25))  # learning rate every step
+    manifest = json.loads((run_dir / "final" / "MANIFEST.json").read_text())
+    assert PLOT_NAME in [f["name"] for f in manifest["files"]]
+    assert (run_dir / "final" / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (run_dir / "final" / "README.md").read_text()
+    assert f"]({PLOT_NAME})" in card and '"preemptions_survived": 0' in card
+
+
 def test_logs_are_json_lines_with_run_name_and_step_fields(reference_run) -> None:
     result, _ = reference_run
     lines = result.lines  # every stderr line parses as JSON
