@@ -1,0 +1,328 @@
+"""Memory and time plan for a full-parameter SFT run on one GPU, from the model's config.json alone.
+
+API:
+
+- `make_plan(model_config, *, dtype="bfloat16", optimizer=DEFAULT_OPTIMIZER, per_device_batch_size=2,
+  seq_length=2048, activation_checkpointing=True, gpu_memory_bytes=None, gpu_name=None, peak_flops=None,
+  utilisation=0.40, dataset_tokens=None, epochs=1.0) -> dict` - `model_config` is a config dict, a
+  `PretrainedConfig`, a path to config.json or its directory. Parameters are counted on the meta
+  device (no weights). Keys: `parameters`, `memory_bytes` {weights, gradients, optimizer,
+  activations, loss_head, overhead, total}, `gpu`, `gpu_memory_bytes`, `headroom_bytes`, `fits`,
+  `advice` (what to change when it does not fit), `warnings`, `flops_per_token` {model, hardware},
+  `tokens_per_second_estimate`, `mfu_estimate`, `seconds_estimate` (None without `dataset_tokens`).
+- `render_plan(plan) -> str` - the GiB table.
+
+The estimate, per part (GiB = 2³⁰ bytes; N parameters; T = batch × sequence tokens per micro-batch;
+a = activation bytes, 2 for 16-bit weights, 4 for fp32; h hidden, I MLP width, L layers, V vocab):
+
+- weights N × dtype bytes; gradients the same (Trainer keeps them in the weights' dtype);
+  optimizer `job.optim.optimizer_state_bytes` - all three exact (tests compare real tensors).
+- activations, for Mistral/Llama-like decoders in transformers (RMSNorm upcasts to fp32; SDPA
+  flash/memory-efficient attention keeps no s×s scores), bytes per token per layer: two norms
+  2·(4h + 2a·h) [fp32 input, normalised, output] + attention 4a·h + 4·heads [q, k, v, output, fp32
+  log-sum-exp; k and v at full width, as when a padding or packing mask makes transformers repeat
+  them - without a mask GQA keeps them narrower] + MLP 4a·I [gate, up, act, product]. Without
+  recomputation all L layers are kept; with full recomputation only each layer's input (a·h per
+  layer) plus one layer being recomputed. Both add the final norm (4h + 2a·h) and a backward
+  working set a·(3I + 2h) per token.
+- loss head as TRL 1.16 computes it (`trl.trainer.utils.add_fused_lm_head`): no full logits; tiles
+  of 4096 tokens × 32768 vocabulary columns. Peak in its backward: the gathered hidden states and
+  their gradient (a + 4 + a)·T·h, fp32 LM-head gradient plus its cast 4·V·h + a·V·h, one tile a·4096·32768.
+- overhead: 1 GiB (CUDA context, cuBLAS workspaces) + 5% of activations and loss head (allocator
+  fragmentation) + what the optimizer step allocates beyond the then-freed activations
+  (`adamw_torch` foreach: one state-sized temporary; fused: none; ours: bounded chunks).
+
+Time: tokens/s = utilisation × peak bf16 FLOP/s / hardware FLOPs per token (`job.flops`: 8N' with
+recomputation, 6N' without, plus the attention term). `utilisation` is an assumed hardware FLOP
+utilisation (default 0.40); `mfu_estimate` is the MFU it implies. Optimizer-step time is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from job import flops
+from job.optim import CHUNK, DEFAULT_OPTIMIZER, OUR_OPTIMIZERS, optimizer_state_bytes
+
+GiB = 1 << 30
+MiB = 1 << 20
+DEFAULT_GPU = "NVIDIA RTX PRO 6000 Blackwell (assumed)"
+DEFAULT_GPU_MEMORY = 97_887 * MiB  # what nvidia-smi reports for the 96 GB card
+DEFAULT_UTILISATION = 0.40
+FIXED_OVERHEAD = 1 * GiB
+FRAGMENTATION = 0.05
+_QUALITY_ORDER = ("adamw_fp32_master", "adamw_kahan", "adamw_8bit_sr")
+
+try:  # the tile sizes of the installed TRL's chunked LM head
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE as HEAD_TOKEN_TILE
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as HEAD_VOCAB_TILE
+except ImportError:  # pragma: no cover - TRL 1.16's values
+    HEAD_TOKEN_TILE, HEAD_VOCAB_TILE = 4096, 32768
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about the model."""
+
+    architecture: str
+    sizes: tuple[int, ...]  # element count of each (unique) parameter tensor
+    input_embedding: int  # 0 when tied to the LM head
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    attention_width: int
+
+    @property
+    def parameters(self) -> int:
+        return sum(self.sizes)
+
+
+def load_model_config(source: Any) -> Any:
+    """A transformers config from a dict, a `PretrainedConfig`, config.json, a model directory or a hub id."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        return source
+    if isinstance(source, (str, Path)) and Path(source).is_file():
+        source = json.loads(Path(source).read_text())
+    if isinstance(source, Mapping):
+        values = dict(source)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    return AutoConfig.from_pretrained(str(source))
+
+
+def model_shape(config: Any) -> ModelShape:
+    """Count the parameters of `config`'s causal LM on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    text = config.get_text_config()
+    shape = flops.flop_shape(config)
+    return ModelShape(
+        architecture=type(model).__name__,
+        sizes=tuple(p.numel() for p in model.parameters()),
+        input_embedding=0 if tied else embedding.numel(),
+        layers=shape.num_layers,
+        hidden=int(text.hidden_size),
+        intermediate=int(getattr(text, "intermediate_size", 4 * text.hidden_size)),
+        heads=int(text.num_attention_heads),
+        vocab=int(text.vocab_size),
+        attention_width=shape.attention_width,
+    )
+
+
+def activation_bytes(shape: ModelShape, tokens: int, act: int, checkpointing: bool) -> int:
+    """Saved activations plus the backward working set for `tokens` tokens (see the module docstring)."""
+    h, i = shape.hidden, shape.intermediate
+    norm = 4 * h + 2 * act * h
+    layer = 2 * norm + 4 * act * h + 4 * shape.heads + 4 * act * i
+    kept = shape.layers * act * h + layer if checkpointing else shape.layers * layer
+    return tokens * (kept + norm + act * (3 * i + 2 * h))
+
+
+def loss_head_bytes(shape: ModelShape, tokens: int, act: int) -> int:
+    """Peak of TRL 1.16's chunked LM head (its backward), no full logits."""
+    h, v = shape.hidden, shape.vocab
+    tile = act * min(tokens, HEAD_TOKEN_TILE) * min(v, HEAD_VOCAB_TILE)
+    return (2 * act + 4) * tokens * h + (4 + act) * v * h + tile + 16 * tokens
+
+
+def _step_transient(optimizer: str, shape: ModelShape, width: int) -> int:
+    # What the optimizer step allocates; activations are freed by then.
+    if optimizer in OUR_OPTIMIZERS:
+        return 12 * 4 * min(CHUNK, max(shape.sizes))
+    if optimizer == "adamw_torch":  # foreach: one temporary per state tensor, all at once
+        return shape.parameters * width
+    return 0
+
+
+def _memory(shape: ModelShape, dtype: torch.dtype, optimizer: str, batch: int, seq: int, ckpt: bool) -> dict[str, int]:
+    width = torch.empty((), dtype=dtype).element_size()
+    act = min(width, 4)
+    tokens = batch * seq
+    parts = {
+        "weights": shape.parameters * width,
+        "gradients": shape.parameters * width,
+        "optimizer": optimizer_state_bytes(optimizer, shape.sizes, dtype),
+        "activations": activation_bytes(shape, tokens, act, ckpt),
+        "loss_head": loss_head_bytes(shape, tokens, act),
+    }
+    dynamic = parts["activations"] + parts["loss_head"]
+    transient = _step_transient(optimizer, shape, width)
+    parts["overhead"] = FIXED_OVERHEAD + int(FRAGMENTATION * dynamic) + max(0, transient - dynamic)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _advice(shape: ModelShape, dtype: torch.dtype, optimizer: str, batch: int, seq: int, ckpt: bool, gpu: int) -> list:
+    def fits(**change: Any) -> dict[str, int] | None:
+        args = {"optimizer": optimizer, "batch": batch, "seq": seq, "ckpt": ckpt, **change}
+        mem = _memory(shape, dtype, **args)
+        return mem if mem["total"] <= gpu else None
+
+    advice = []
+    if not ckpt and (mem := fits(ckpt=True)):
+        advice.append(
+            f"set train.activation_checkpointing=true (total {mem['total'] / GiB:.1f} GiB; ~1/3 more compute)"
+        )
+    current = optimizer_state_bytes(optimizer, shape.sizes, dtype)
+    for name in _QUALITY_ORDER:
+        if (
+            name != optimizer
+            and optimizer_state_bytes(name, shape.sizes, dtype) < current
+            and (mem := fits(optimizer=name))
+        ):
+            advice.append(f"set train.optim={name} (total {mem['total'] / GiB:.1f} GiB)")
+            break
+    smaller = next((b for b in range(batch - 1, 0, -1) if fits(batch=b)), None)
+    if smaller:
+        advice.append(
+            f"set train.per_device_train_batch_size={smaller} and multiply gradient_accumulation_steps by"
+            f" {batch / smaller:g} to keep the effective batch"
+        )
+    shorter = next((s for s in (seq * 3 // 4, seq // 2, seq // 4) if s >= 128 and fits(batch=1, seq=s)), None)
+    if shorter and not smaller:
+        advice.append(f"set data.max_length={shorter} with per_device_train_batch_size=1")
+    if not advice:
+        least = _memory(shape, dtype, "adamw_8bit_sr", 1, seq, True)["total"]
+        advice.append(
+            f"even batch 1 with activation checkpointing and adamw_8bit_sr needs {least / GiB:.1f} GiB: use a GPU with"
+            " more memory, or shard across GPUs with FSDP2 (accelerate)"
+        )
+    return advice
+
+
+def make_plan(
+    model_config: Any,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+    optimizer: str = DEFAULT_OPTIMIZER,
+    per_device_batch_size: int = 2,
+    seq_length: int = 2048,
+    activation_checkpointing: bool = True,
+    gpu_memory_bytes: int | None = None,
+    gpu_name: str | None = None,
+    peak_flops: float | None = None,
+    utilisation: float = DEFAULT_UTILISATION,
+    dataset_tokens: int | None = None,
+    epochs: float = 1.0,
+) -> dict[str, Any]:
+    """Plan memory and time; see the module docstring for what each figure counts."""
+    config = load_model_config(model_config)
+    shape = model_shape(config)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    detected = flops.detect_gpu() if gpu_memory_bytes is None or gpu_name is None else None
+    name = gpu_name or (detected.name if detected else DEFAULT_GPU)
+    source = "given" if gpu_name else ("detected" if detected else "default")
+    gpu_memory = gpu_memory_bytes or (detected.memory_bytes if detected else DEFAULT_GPU_MEMORY)
+    peak = peak_flops or flops.peak_bf16_flops(name)
+    args = (shape, torch_dtype, optimizer, per_device_batch_size, seq_length, activation_checkpointing)
+    memory = _memory(*args)
+    fits = memory["total"] <= gpu_memory
+    warnings = []
+    if optimizer not in OUR_OPTIMIZERS and torch_dtype in (torch.bfloat16, torch.float16):
+        warnings.append(
+            f"{optimizer} with {torch_dtype} weights rounds away updates smaller than ~|w|/256: at lr 5e-6 most weights"
+            " stop moving (docs/fidelity.md); use train.optim=adamw_kahan"
+        )
+    if fits and gpu_memory - memory["total"] < 0.05 * gpu_memory:
+        warnings.append("less than 5% headroom: the activation estimate is approximate, measure peak memory first")
+    fshape = flops.FlopShape(shape.layers, shape.attention_width)
+    model_flops = flops.flops_per_token(fshape, shape.parameters, seq_length, embedding_params=shape.input_embedding)
+    hardware_flops = flops.flops_per_token(
+        fshape, shape.parameters, seq_length, embedding_params=shape.input_embedding, recompute=activation_checkpointing
+    )
+    tps = utilisation * peak / hardware_flops if peak else None
+    if gpu_name and not gpu_memory_bytes and not detected:
+        warnings.append(f"GPU memory not given: assuming the 96 GB card's {DEFAULT_GPU_MEMORY >> 20:,} MiB")
+    if peak is None:
+        warnings.append(f"no peak FLOP/s known for {name!r}: pass peak_flops for a time estimate")
+    return {
+        "model": {"architecture": shape.architecture, "layers": shape.layers, "hidden": shape.hidden},
+        "parameters": shape.parameters,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "optimizer": optimizer,
+        "per_device_batch_size": per_device_batch_size,
+        "seq_length": seq_length,
+        "activation_checkpointing": activation_checkpointing,
+        "memory_bytes": memory,
+        "gpu": {"name": name, "source": source, "peak_bf16_flops": peak},
+        "gpu_memory_bytes": gpu_memory,
+        "headroom_bytes": gpu_memory - memory["total"],
+        "fits": fits,
+        "advice": [] if fits else _advice(*args, gpu_memory),
+        "warnings": warnings,
+        "flops_per_token": {"model": model_flops, "hardware": hardware_flops},
+        "assumed_utilisation": utilisation,
+        "tokens_per_second_estimate": tps,
+        "mfu_estimate": tps * model_flops / peak if tps else None,
+        "dataset_tokens": dataset_tokens,
+        "epochs": epochs,
+        "seconds_estimate": dataset_tokens * epochs / tps if dataset_tokens and tps else None,
+    }
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """A human-readable GiB table of `plan`, with the time estimate and any advice."""
+    mem, gpu = plan["memory_bytes"], plan["gpu_memory_bytes"] / GiB
+    ckpt = "on" if plan["activation_checkpointing"] else "off"
+    lines = [
+        f"model      {plan['model']['architecture']}: {plan['parameters']:,} parameters, {plan['dtype']}",
+        f"training   optimizer {plan['optimizer']}, batch {plan['per_device_batch_size']} x {plan['seq_length']}"
+        f" tokens per device, activation checkpointing {ckpt}",
+        f"gpu        {plan['gpu']['name']} ({plan['gpu']['source']}): {gpu:.2f} GiB",
+        "",
+        f"  {'component':<18}{'GiB':>8}",
+    ]
+    labels = {
+        "weights": "weights",
+        "gradients": "gradients",
+        "optimizer": "optimizer states",
+        "activations": "activations",
+        "loss_head": "loss head (TRL)",
+        "overhead": "overhead",
+    }
+    lines += [f"  {label:<18}{mem[key] / GiB:>8.2f}" for key, label in labels.items()]
+    verdict = "fits" if plan["fits"] else "does NOT fit"
+    spare = "spare" if plan["fits"] else "short"
+    lines += [
+        f"  {'-' * 26}",
+        f"  {'total':<18}{mem['total'] / GiB:>8.2f}   of {gpu:.2f} GiB: {verdict},"
+        f" {abs(plan['headroom_bytes']) / GiB:.2f} GiB {spare}",
+        "",
+    ]
+    tps = plan["tokens_per_second_estimate"]
+    if tps:
+        kind = "with recomputation" if plan["activation_checkpointing"] else "no recomputation"
+        lines.append(
+            f"speed      ~{tps:,.0f} tokens/s: {plan['assumed_utilisation']:.0%} of"
+            f" {plan['gpu']['peak_bf16_flops'] / 1e12:.1f} TFLOP/s at"
+            f" {plan['flops_per_token']['hardware'] / 1e9:.1f} GFLOP/token ({kind}); MFU {plan['mfu_estimate']:.2f}"
+        )
+    if plan["seconds_estimate"]:
+        total = plan["dataset_tokens"] * plan["epochs"]
+        lines.append(
+            f"time       {plan['dataset_tokens']:,} tokens x {plan['epochs']:g} epochs = {total:,.0f} tokens:"
+            f" ~{_duration(plan['seconds_estimate'])}"
+        )
+    if plan["advice"]:
+        lines.append("advice     any one of these fits:")
+        lines += [f"  - {a}" for a in plan["advice"]]
+    lines += [f"warning    {w}" for w in plan["warnings"]]
+    return "\n".join(lines)
