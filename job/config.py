@@ -33,7 +33,8 @@ ENV_PREFIX = "SFT_"
 CONFIG_ENV = "SFT_CONFIG"
 
 DTYPES = ("bfloat16", "float16", "float32")
-FORMATS = ("auto", "messages", "text")
+FORMATS = ("auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt")
+TRUNCATION_MODES = ("truncate", "drop", "error")
 
 
 @dataclass
@@ -81,19 +82,31 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str | None = None
-    """Training data: a JSONL file or a directory/prefix of them (local path or `s3://`). Required."""
+    """Training data: a file (`.jsonl`, `.json`, `.parquet`, `.jsonl.gz`, `.jsonl.zst`) or a directory/prefix of
+    them (local path or `s3://`), read in sorted order. Required."""
     eval: str | None = None
     """Evaluation data, same forms as `train`; or use `eval_fraction`."""
     eval_fraction: float = 0.0
     """Fraction of `train` held out for evaluation (seeded split) when `eval` is empty."""
-    format: Literal["auto", "messages", "text"] = "auto"
-    """Record format: `messages` (chat), `text` (plain), or `auto` (detected from the records)."""
+    format: Literal["auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt"] = "auto"
+    """Record format: `messages`, `prompt_completion`, `text`, `alpaca`, `sharegpt`, or `auto` (detected)."""
     max_length: int = 2048
-    """Tokens per example; longer examples are truncated."""
+    """Tokens per example (per packed sequence with `packing`); see `truncation` for longer examples."""
+    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    """Examples longer than `max_length`: `truncate` (keep the start), `drop` them, or `error` (exit 65)."""
     train_on: Literal["assistant", "all"] = "assistant"
     """Chat data: train on assistant turns only (each with its end-of-turn token), or on every token."""
     chat_template: str | None = None
     """A Jinja chat template (file path or inline) replacing the tokenizer's; empty keeps the tokenizer's."""
+    packing: bool = False
+    """Pack examples into sequences of `max_length` (best-fit decreasing), padding-free: positions restart per
+    example and no example attends to another."""
+    max_invalid: int = 0
+    """Bad records that may be skipped (listed in the run's `reports/`); more stop the job with exit 65."""
+    num_proc: int = 0
+    """Processes that tokenize (0: every CPU core available to the job)."""
+    cache: bool = True
+    """Reuse the tokenized dataset (scratch and the run's `cache/` prefix) when data, tokenizer and settings match."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -102,6 +115,14 @@ class DataConfig:
             raise ConfigError("data.eval and data.eval_fraction are both set", hint="use one of them")
         if self.max_length < 8:
             raise ConfigError(f"data.max_length must be at least 8, got {self.max_length}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.truncation not in TRUNCATION_MODES:
+            raise ConfigError(f"data.truncation {self.truncation!r} is not one of {', '.join(TRUNCATION_MODES)}")
+        if self.max_invalid < 0:
+            raise ConfigError(f"data.max_invalid must not be negative, got {self.max_invalid}")
+        if self.num_proc < 0:
+            raise ConfigError(f"data.num_proc must be 0 (all cores) or more, got {self.num_proc}")
 
 
 @dataclass

@@ -1,0 +1,206 @@
+"""Record formats: detect each record's format and normalise it into an `Example`.
+
+Every format becomes one of three shapes: a chat (`messages`, with the number
+of leading turns that are context only), a plain document (`text`), or a
+string prompt with its completion. Each check names the record's location
+(`file:line` or `file:row N`) and the field at fault.
+
+| format              | fields                                              | becomes                      |
+|---------------------|-----------------------------------------------------|------------------------------|
+| `messages`          | `messages`: [{role, content}]                       | chat, every assistant turn   |
+| `sharegpt`          | `conversations`: [{from, value}] (human/gpt/system) | chat, every assistant turn   |
+| `prompt_completion` | `prompt`, `completion`: strings or turn lists       | completion, or chat trained  |
+|                     |                                                     | only on the completion turns |
+| `alpaca`            | `instruction`, `input` (optional), `output`         | chat: one user, one answer   |
+| `text`              | `text`                                              | document, every token        |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from job.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+# Checked in this order; the first whose fields are all present names the record's format.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+EXPECTED = "; ".join(f"{name} ({', '.join(fields)})" for name, fields in FORMAT_FIELDS.items())
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    source: str
+    """Where the record came from: `file:line` (or `file:row N` for Parquet)."""
+    messages: tuple[dict[str, str], ...] | None = None
+    """Chat turns with `role` and string `content` (parts already joined)."""
+    text: str | None = None
+    """A plain document (the `text` format), or the prompt of a string prompt/completion pair."""
+    completion: str | None = None
+    """The completion of a string prompt/completion pair (trained; `text` is its prompt)."""
+    prompt_turns: int = 0
+    """Chat: leading turns that are context only (a conversational prompt); later assistant turns train."""
+
+    @property
+    def kind(self) -> str:
+        """`chat`, `text` or `completion`: how the example is tokenized."""
+        if self.messages is not None:
+            return "chat"
+        return "completion" if self.completion is not None else "text"
+
+
+def detect_format(record: Any) -> str | None:
+    """The format whose fields the record has, or None."""
+    if not isinstance(record, dict):
+        return None
+    for name, fields in FORMAT_FIELDS.items():
+        if all(f in record for f in fields):
+            return name
+    return None
+
+
+def describe_unknown(record: Any, location: str) -> DataError:
+    found = sorted(record) if isinstance(record, dict) else type(record).__name__
+    return DataError(
+        f"{location}: cannot tell the record's format: found fields {found}; expected one of: {EXPECTED}",
+        hint="or set data.format",
+    )
+
+
+def parse_record(record: Any, fmt: str, location: str) -> Example:
+    """The record as an Example, or DataError naming the location and what is wrong."""
+    if not isinstance(record, dict):
+        raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
+    missing = [f for f in FORMAT_FIELDS.get(fmt, ()) if f not in record]
+    if missing:
+        other = detect_format(record)
+        found = f"; it looks like `{other}`" if other else f"; found fields {sorted(record)}"
+        raise DataError(f"{location}: format `{fmt}` needs field(s) {missing}{found}")
+    if fmt == "text":
+        return Example(source=location, text=_string(record, "text", location))
+    if fmt == "messages":
+        turns = _turns(record["messages"], "messages", location, "role", "content", None)
+        _check_chat(turns, location, "messages")
+        return Example(source=location, messages=turns)
+    if fmt == "sharegpt":
+        turns = _turns(record["conversations"], "conversations", location, "from", "value", SHAREGPT_ROLES)
+        _check_chat(turns, location, "conversations")
+        return Example(source=location, messages=turns)
+    if fmt == "alpaca":
+        return _alpaca(record, location)
+    if fmt == "prompt_completion":
+        return _prompt_completion(record, location)
+    raise DataError(f"{location}: unsupported format {fmt!r}")
+
+
+def _string(record: dict, key: str, location: str, *, optional: bool = False) -> str:
+    value = record.get(key)
+    if optional and value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{location}: field '{key}' must be a string, got {type(value).__name__}")
+    if not optional and not value.strip():
+        raise DataError(f"{location}: field '{key}' is empty")
+    return _utf8(value, f"{location}: field '{key}'")
+
+
+def _utf8(text: str, where: str) -> str:
+    """JSON's \\ud800-style escapes can smuggle lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        surrogate = text[exc.start]
+        raise DataError(f"{where}: invalid UTF-8 (lone surrogate {surrogate!r} at character {exc.start})") from None
+    return text
+
+
+def _turns(
+    turns: Any, key: str, location: str, role_key: str, content_key: str, role_map: dict[str, str] | None
+) -> tuple[dict[str, str], ...]:
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{location}: '{key}' must be a non-empty list of turns")
+    out = []
+    for index, turn in enumerate(turns):
+        where = f"{location}: {key}[{index}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where} must be an object with {role_key} and {content_key}")
+        role = turn.get(role_key)
+        allowed = role_map or dict.fromkeys(ROLES)
+        if not isinstance(role, str) or role not in allowed:
+            raise DataError(f"{where}: {role_key} {role!r} is not one of {', '.join(allowed)}")
+        content = _content_text(turn.get(content_key), where, content_key)
+        if not content.strip():
+            raise DataError(f"{where}: empty content")
+        out.append({"role": role_map[role] if role_map else role, "content": _utf8(content, where)})
+    return tuple(out)
+
+
+def _content_text(content: Any, where: str, key: str) -> str:
+    """A string, or a list of `{"type": "text", "text": ...}` parts joined together."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                raise DataError(f"{where}: content parts must be {{'type': 'text', 'text': str}}, got {part!r:.60}")
+        return "".join(texts)
+    raise DataError(f"{where}: {key} must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def _check_chat(turns: tuple[dict[str, str], ...], location: str, key: str, *, trained_from: int = 0) -> None:
+    """Optional system turn first, then user and assistant alternating from user; some assistant turn trains."""
+    offset = 1 if turns[0]["role"] == "system" else 0
+    for index in range(offset, len(turns)):
+        expected = "user" if (index - offset) % 2 == 0 else "assistant"
+        if turns[index]["role"] != expected:
+            raise DataError(
+                f"{location}: {key}[{index}] is '{turns[index]['role']}' where '{expected}' was expected",
+                hint="after an optional system turn, turns alternate user/assistant",
+            )
+    if not any(t["role"] == "assistant" for t in turns[trained_from:]):
+        where = "the completion" if trained_from else "conversation"
+        raise DataError(f"{location}: {where} has no assistant turn, so nothing would be trained")
+
+
+def _alpaca(record: dict, location: str) -> Example:
+    instruction = _string(record, "instruction", location)
+    extra = _string(record, "input", location, optional=True)
+    output = _string(record, "output", location)
+    system = _string(record, "system", location, optional=True)
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    turns = ({"role": "system", "content": system},) if system.strip() else ()
+    turns += ({"role": "user", "content": user}, {"role": "assistant", "content": output})
+    return Example(source=location, messages=turns)
+
+
+def _prompt_completion(record: dict, location: str) -> Example:
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Example(
+            source=location,
+            text=_string(record, "prompt", location),
+            completion=_string(record, "completion", location),
+        )
+    if isinstance(prompt, list) and isinstance(completion, list):
+        head = _turns(prompt, "prompt", location, "role", "content", None)
+        tail = _turns(completion, "completion", location, "role", "content", None)
+        if tail[0]["role"] != "assistant":
+            raise DataError(f"{location}: completion[0] is '{tail[0]['role']}' where 'assistant' was expected")
+        turns = head + tail
+        _check_chat(turns, location, "prompt+completion", trained_from=len(head))
+        return Example(source=location, messages=turns, prompt_turns=len(head))
+    raise DataError(
+        f"{location}: 'prompt' and 'completion' must both be strings or both be lists of turns, "
+        f"got {type(prompt).__name__} and {type(completion).__name__}"
+    )
