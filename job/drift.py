@@ -19,7 +19,14 @@ MACHINE_DERIVED = {"train": ("dataloader_num_workers", "report_to", "logging_ste
 
 
 def config_drift(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences (`train.learning_rate: 1e-05 -> 2e-05`), empty when none."""
+    """Human-readable differences (`train.learning_rate: 1e-05 -> 2e-05`), empty when none.
+
+    A field the recording version did not have, now at its default, is not drift: upgrading
+    the image mid-run must not strand a run.
+    """
+    from job.config import JobConfig
+
+    defaults = JobConfig().to_dict()
     changes = []
     for section, keys in DEFINING.items():
         old, new = recorded.get(section) or {}, current.get(section) or {}
@@ -27,6 +34,8 @@ def config_drift(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]
         ignored = MACHINE_DERIVED.get(section, ())
         for name in names:
             if name in ignored:
+                continue
+            if name not in old and name in defaults[section] and new.get(name) == defaults[section][name]:
                 continue
             if old.get(name) != new.get(name):
                 changes.append(f"{section}.{name}: {old.get(name)!r} -> {new.get(name)!r}")

@@ -35,3 +35,11 @@ def test_placement_and_cadence_are_not_drift() -> None:
         "train.logging_steps=1",
     )
     assert config_drift(first, moved) == []
+
+
+def test_a_field_new_in_this_version_at_its_default_is_not_drift() -> None:
+    first = resolved()
+    del first["data"]["train_on"]  # recorded by a version that did not have this field
+    del first["model"]["trust_remote_code"]
+    assert config_drift(first, resolved()) == []
+    assert config_drift(first, resolved("data.train_on=all")) == ["data.train_on: None -> 'all'"]

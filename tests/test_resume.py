@@ -84,7 +84,7 @@ def test_sigkill_at_every_phase_of_a_save_on_s3(reference_run, tiny_model_dir, t
     store = open_store(f"{output}/killed")
     for fault, expected_resume in plan:
         job = run_job(*args, env={"SFT_FAULTS": fault})
-        assert job.returncode == -signal.SIGKILL, (fault, job.stderr[-3000:])
+        assert job.returncode == -signal.SIGKILL, (fault, job.events("job_failed"), job.stderr[-2000:])
         assert job.events("fault_injected")
         resumed = job.events("resuming")
         assert (resumed[0]["step"] if resumed else None) == expected_resume
