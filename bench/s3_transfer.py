@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -79,42 +80,53 @@ def make_files(source: Path, files: int, size_mb: int) -> int:
 
 
 class Contenders:
-    """The two ways to move the directory, each timed in seconds."""
+    """The two ways to move the directory; each call returns (wall seconds, client CPU s, server CPU s)."""
 
-    def __init__(self, aws: list[str], work: Path) -> None:
+    def __init__(self, aws: list[str], server_pid: int, checksums: str) -> None:
         from job.config import StorageConfig
         from job.storage.s3 import S3Store
 
-        self.aws, self.work = aws, work
-        self.store = S3Store(f"s3://{BUCKET}", StorageConfig())
+        self.aws, self.server_pid = aws, server_pid
+        self.store = S3Store(f"s3://{BUCKET}", StorageConfig(checksums=checksums))
 
     def cli(self, *words: str) -> None:
         subprocess.run([*self.aws, "s3", *words], check=True, stdout=subprocess.DEVNULL)
 
-    def upload(self, who: str, source: Path, prefix: str) -> float:
-        start = time.perf_counter()
-        if who == "ours":
-            self.store.push_directory(source, prefix)
-        else:
-            self.cli("cp", "--recursive", "--only-show-errors", str(source), f"s3://{BUCKET}/{prefix}/")
-        return time.perf_counter() - start
+    def _server_cpu(self) -> float:
+        fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
-    def download(self, who: str, prefix: str, target: Path) -> float:
-        start = time.perf_counter()
+    def _measure(self, action) -> tuple[float, float, float]:
+        def cpu() -> float:
+            me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+            return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+        client, server, start = cpu(), self._server_cpu(), time.perf_counter()
+        action()
+        return time.perf_counter() - start, cpu() - client, self._server_cpu() - server
+
+    def upload(self, who: str, source: Path, prefix: str) -> tuple[float, float, float]:
         if who == "ours":
-            self.store.child(prefix).pull(target)
+            return self._measure(lambda: self.store.push_directory(source, prefix))
+        destination = f"s3://{BUCKET}/{prefix}/"
+        return self._measure(lambda: self.cli("cp", "--recursive", "--only-show-errors", str(source), destination))
+
+    def download(self, who: str, prefix: str, target: Path) -> tuple[float, float, float]:
+        if who == "ours":
+            figures = self._measure(lambda: self.store.child(prefix).pull(target))
         else:
-            self.cli("cp", "--recursive", "--only-show-errors", f"s3://{BUCKET}/{prefix}/", str(target))
-        seconds = time.perf_counter() - start
+            source = f"s3://{BUCKET}/{prefix}/"
+            figures = self._measure(lambda: self.cli("cp", "--recursive", "--only-show-errors", source, str(target)))
         shutil.rmtree(target)
-        return seconds
+        return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--size-mb", type=int, default=128, help="size of each file in MiB")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--checksums", default="when_required", help="our storage.checksums (the job's default)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -133,23 +145,25 @@ def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # our lines: warnings only
     work = Path(tempfile.mkdtemp(prefix="s3bench-"))
     try:
-        contenders = Contenders(aws, work)
+        contenders = Contenders(aws, server.pid, args.checksums)
         contenders.cli("mb", f"s3://{BUCKET}")
         source = work / "src"
         total = make_files(source, args.files, args.size_mb)
-        seconds: dict[str, list[float]] = {"ours_up": [], "aws_up": [], "ours_down": [], "aws_down": []}
+        figures: dict[str, list[tuple[float, float, float]]] = {
+            k: [] for k in ("ours_up", "aws_up", "ours_down", "aws_down")
+        }
         print(f"{args.files} files, {total / MB:.0f} MB per transfer, {args.runs} runs, {endpoint}", flush=True)
         for run in range(args.runs):
             order = ("ours", "aws") if run % 2 == 0 else ("aws", "ours")  # alternate who goes first
             for who in order:
-                seconds[f"{who}_up"].append(contenders.upload(who, source, f"{who}-{run}"))
+                figures[f"{who}_up"].append(contenders.upload(who, source, f"{who}-{run}"))
             for who in order:
-                seconds[f"{who}_down"].append(contenders.download(who, f"{who}-{run}", work / f"down-{who}"))
+                figures[f"{who}_down"].append(contenders.download(who, f"{who}-{run}", work / f"down-{who}"))
             for who in order:  # keep the server's memory flat
                 contenders.cli("rm", "--recursive", "--only-show-errors", f"s3://{BUCKET}/{who}-{run}/")
-            figures = ", ".join(f"{key} {total / MB / values[-1]:.0f}" for key, values in seconds.items())
-            print(f"run {run + 1} MB/s: {figures}", flush=True)
-        report(seconds, total, args)
+            line = ", ".join(f"{key} {total / MB / values[-1][0]:.0f}" for key, values in figures.items())
+            print(f"run {run + 1} MB/s: {line}", flush=True)
+        report(figures, total, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if server.stdin:
@@ -157,22 +171,24 @@ def main() -> None:
         server.wait(timeout=30)
 
 
-def report(seconds: dict[str, list[float]], total: int, args: argparse.Namespace) -> None:
-    rates = {key: [total / MB / s for s in values] for key, values in seconds.items()}
-    summary = {}
-    print(f"\n{'direction':<10} {'ours MB/s median (min-max)':>30} {'awscli MB/s median (min-max)':>32} {'ratio':>7}")
+def report(figures: dict[str, list[tuple[float, float, float]]], total: int, args: argparse.Namespace) -> None:
+    summary: dict[str, dict] = {}
+    print(f"\n{'':<9}{'ours MB/s':>28}{'awscli MB/s':>28}{'ratio':>8}   CPU s/GB ours vs awscli (client+server)")
+    print(f"{'':<9}{'median (min-max)':>28}{'median (min-max)':>28}")
     for direction in ("up", "down"):
-        ours, aws = rates[f"ours_{direction}"], rates[f"aws_{direction}"]
-        ratio = statistics.median(ours) / statistics.median(aws)
-        summary[direction] = {"ours": ours, "aws": aws, "ratio": ratio}
-        print(
-            f"{'upload' if direction == 'up' else 'download':<10} "
-            f"{statistics.median(ours):>12.0f} ({min(ours):.0f}-{max(ours):.0f})".ljust(41)
-            + f"{statistics.median(aws):>12.0f} ({min(aws):.0f}-{max(aws):.0f})".ljust(33)
-            + f"{ratio:>6.2f}x"
-        )
+        rates, cpu = {}, {}
+        for who in ("ours", "aws"):
+            runs = figures[f"{who}_{direction}"]
+            rates[who] = [total / MB / wall for wall, _, _ in runs]
+            cpu[who] = statistics.median((client + server) / (total / 1e9) for _, client, server in runs)
+        ratio = statistics.median(rates["ours"]) / statistics.median(rates["aws"])
+        summary[direction] = {"ours_mb_s": rates["ours"], "aws_mb_s": rates["aws"], "ratio": ratio, "cpu_s_per_gb": cpu}
+        cells = [f"{statistics.median(r):.0f} ({min(r):.0f}-{max(r):.0f})" for r in (rates["ours"], rates["aws"])]
+        name = "upload" if direction == "up" else "download"
+        print(f"{name:<9}{cells[0]:>28}{cells[1]:>28}{ratio:>7.2f}x   {cpu['ours']:.1f} vs {cpu['aws']:.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"files": args.files, "size_mb": args.size_mb, "runs": args.runs, **summary}))
+        meta = {"files": args.files, "size_mb": args.size_mb, "runs": args.runs, "checksums": args.checksums}
+        args.json.write_text(json.dumps({**meta, **summary}, indent=1))
 
 
 if __name__ == "__main__":
