@@ -6,10 +6,20 @@ by rendering: the text an assistant turn adds is what follows, in the
 conversation rendered up to and including that turn, the longest tail of the
 conversation rendered up to the turn before it (with the generation prompt).
 That text (the content plus the template's end-of-turn token) is located in
-the full rendering, and the tokens whose character offsets fall inside it are
+the full rendering, and the tokens whose characters fall inside it are
 trained. Templates that move earlier parts around (Mistral's puts the system
 prompt into the last user turn) are handled, since only a shared tail is
 required, not a shared prefix.
+
+Rendering every prefix of every conversation costs 2 renders per assistant
+turn, so the method runs once per *turn layout* (the sequence of roles) on a
+probe conversation whose contents are unique markers. That yields, for each
+trained turn, the text the template puts before and after its content. Each
+real conversation is then rendered once and each `before + content + after`
+is located in it; where one is not found (a template that transforms content)
+the example falls back to the full method, and the first examples of every
+layout are checked against the full method, which disables the shortcut on
+any difference.
 """
 
 from __future__ import annotations
@@ -27,6 +37,9 @@ from job.logs import get_logger
 log = get_logger(__name__)
 
 IGNORE_INDEX = -100
+PROBE = "\ue000{}\ue001"  # private-use characters: never part of a template's own text
+VERIFIED_PER_LAYOUT = 8
+DEFAULT_ORIGIN = "default-mistral-v3"
 
 
 @dataclass
@@ -36,7 +49,7 @@ class TokenizedSet:
     sources: list[str]
     truncated: int = 0
     dropped: list[str] = field(default_factory=list)
-    """Sources of examples left with no trainable token after truncation."""
+    """Sources of examples dropped: no trainable token left, or too long with `truncation: drop`."""
 
     @property
     def tokens(self) -> int:
@@ -44,7 +57,10 @@ class TokenizedSet:
 
     @property
     def trainable_tokens(self) -> int:
-        return sum(sum(1 for label in labels if label != IGNORE_INDEX) for labels in self.labels)
+        return sum(sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in self.labels)
+
+
+# ---------------------------------------------------------------- templates
 
 
 def default_chat_template() -> str:
@@ -52,76 +68,75 @@ def default_chat_template() -> str:
     return resources.files("job.assets").joinpath("mistral-v3-chat-template.jinja").read_text(encoding="utf-8")
 
 
-def apply_chat_template_choice(tokenizer: Any, configured: str | None) -> str:
-    """Install the chat template to use on `tokenizer`; returns where it came from."""
+def resolve_chat_template(tokenizer: Any, configured: str | None) -> tuple[str, str]:
+    """(template, origin) that chat data would use: the config's, else the tokenizer's, else the shipped one."""
     if configured:
         template = Path(configured).read_text(encoding="utf-8") if os.path.isfile(configured) else configured
         if "{" not in template:
             raise ConfigError(f"data.chat_template {configured!r} is neither a readable file nor a Jinja template")
+        return template, "config"
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # named templates: training uses the default one
+        own = own.get("default")
+    if own:
+        return own, "tokenizer"
+    return default_chat_template(), DEFAULT_ORIGIN
+
+
+def apply_chat_template_choice(tokenizer: Any, configured: str | None) -> str:
+    """Install the chat template to use on `tokenizer`; returns where it came from."""
+    template, origin = resolve_chat_template(tokenizer, configured)
+    if origin != "tokenizer":
         tokenizer.chat_template = template
-        return "config"
-    if getattr(tokenizer, "chat_template", None):
-        return "tokenizer"
-    tokenizer.chat_template = default_chat_template()
-    log.warning("chat_template_default_used", reason="the tokenizer has no chat template", template="mistral-v3")
-    return "default-mistral-v3"
+    if origin == DEFAULT_ORIGIN:
+        log.warning("chat_template_default_used", reason="the tokenizer has no chat template", template="mistral-v3")
+    return origin
 
 
-def tokenize_examples(examples: list[Example], tokenizer: Any, *, max_length: int, train_on: str) -> TokenizedSet:
-    """Token ids and labels (IGNORE_INDEX where no loss is taken) for every example."""
-    result = TokenizedSet(input_ids=[], labels=[], sources=[])
-    for example in examples:
-        ids, labels = tokenize_one(example, tokenizer, train_on=train_on)
-        if len(ids) > max_length:
-            ids, labels = ids[:max_length], labels[:max_length]
-            result.truncated += 1
-        if all(label == IGNORE_INDEX for label in labels):
-            result.dropped.append(example.source)
-            continue
-        result.input_ids.append(ids)
-        result.labels.append(labels)
-        result.sources.append(example.source)
-    if result.truncated or result.dropped:
-        log.warning(
-            "examples_truncated",
-            truncated=result.truncated,
-            dropped_without_trainable_tokens=len(result.dropped),
-            max_length=max_length,
-        )
-    if not result.input_ids:
-        raise DataError(f"no example keeps a trainable token within data.max_length={max_length}")
-    return result
+class ChatRenderer:
+    """`apply_chat_template(tokenize=False)` without its per-call overhead: the same compiled template
+    (transformers' sandboxed Jinja environment) with the tokenizer's special tokens as variables."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.template, _ = resolve_chat_template(tokenizer, None)
+        self.variables = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            self.compiled = _compile_jinja_template(self.template)
+        except ImportError:  # a future transformers without it: the public, slower path
+            self.compiled = None
+
+    def __call__(self, messages: list[dict], source: str, add_generation_prompt: bool = False) -> str:
+        try:
+            if self.compiled is None:
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            return self.compiled.render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                **self.variables,
+            )  # fmt: skip
+        except Exception as exc:  # jinja raises TemplateError and plain exceptions from raise_exception()
+            raise DataError(f"{source}: the chat template rejected this conversation: {exc}") from None
 
 
-def tokenize_one(example: Example, tokenizer: Any, *, train_on: str) -> tuple[list[int], list[int]]:
-    if example.text is not None:
-        ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
-        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids = [*ids, tokenizer.eos_token_id]  # documents end, so the model learns to stop
-        return ids, list(ids)
-    messages = [dict(turn) for turn in example.messages or ()]
-    text = _render(tokenizer, messages, example.source)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = encoded["input_ids"]
-    if train_on == "all":
-        return ids, list(ids)
-    spans = assistant_spans(tokenizer, messages, text, example.source)
-    labels = [
-        token if any(end > lo and start < hi for lo, hi in spans) else IGNORE_INDEX
-        for token, (start, end) in zip(ids, encoded["offset_mapping"], strict=True)
-    ]
-    return ids, labels
+# ---------------------------------------------------------------- assistant spans
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict], text: str, source: str) -> list[tuple[int, int]]:
-    """Character spans of `text` that each assistant turn (content + end-of-turn) contributes."""
+def assistant_spans(
+    render: ChatRenderer, messages: list[dict], text: str, source: str, prompt_turns: int = 0
+) -> list[tuple[int, int]]:
+    """Character spans of `text` that each trained assistant turn (content + end-of-turn) contributes."""
     spans = []
     cursor = 0
-    for index, turn in enumerate(messages):
-        if turn["role"] != "assistant":
+    last = len(messages) - 1
+    for index in range(prompt_turns, len(messages)):
+        if messages[index]["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:index], source, add_generation_prompt=True)
-        through = _render(tokenizer, messages[: index + 1], source)
+        before = render(messages[:index], source, add_generation_prompt=True)
+        through = text if index == last else render(messages[: index + 1], source)
         added = through[_end_of_shared_tail(before, through) :]
         start = text.find(added, cursor)
         if not added or start < 0:
@@ -141,6 +156,8 @@ def _end_of_shared_tail(before: str, through: str) -> int:
     Usually `before` is a prefix of `through` and this is `len(before)`. A tail
     that occurs implies its own tails occur, so binary search finds the longest.
     """
+    if through.startswith(before):
+        return len(before)
     low, high = 0, len(before)
     while low < high:
         mid = (low + high + 1) // 2
@@ -154,11 +171,221 @@ def _end_of_shared_tail(before: str, through: str) -> int:
     return through.find(tail) + low
 
 
-def _render(tokenizer: Any, messages: list[dict], source: str, add_generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # jinja raises TemplateError and plain exceptions from raise_exception()
-        raise DataError(f"{source}: the chat template rejected this conversation: {exc}") from None
+@dataclass
+class Layout:
+    """What the template writes around each trained assistant turn's content, for one sequence of roles."""
+
+    pieces: list[tuple[int, str, str]] | None
+    """(turn index, text before the content, text after it); None: always use the full method."""
+    verified: int = 0
+
+
+class SpanFinder:
+    """Assistant spans by the full method, or by a probed layout where it is known to agree."""
+
+    def __init__(self, render: ChatRenderer) -> None:
+        self.render = render
+        self.layouts: dict[tuple, Layout] = {}
+        self.fallbacks = 0
+
+    def spans(self, messages: list[dict], text: str, source: str, prompt_turns: int) -> list[tuple[int, int]]:
+        key = (tuple(m["role"] for m in messages), prompt_turns)
+        layout = self.layouts.get(key)
+        if layout is None:
+            layout = self.layouts[key] = self._probe(list(key[0]), prompt_turns)
+        fast = _locate(layout.pieces, messages, text) if layout.pieces is not None else None
+        if fast is not None and layout.verified >= VERIFIED_PER_LAYOUT:
+            return fast
+        exact = assistant_spans(self.render, messages, text, source, prompt_turns)
+        if fast is None:
+            self.fallbacks += 1
+        elif fast != exact:
+            layout.pieces = None  # this template's layout depends on content: always the full method
+        else:
+            layout.verified += 1
+        return exact
+
+    def _probe(self, roles: list[str], prompt_turns: int) -> Layout:
+        probe = [{"role": role, "content": PROBE.format(i)} for i, role in enumerate(roles)]
+        try:
+            text = self.render(probe, "probe")
+            spans = assistant_spans(self.render, probe, text, "probe", prompt_turns)
+        except DataError:
+            return Layout(None)
+        trained = [i for i in range(prompt_turns, len(roles)) if roles[i] == "assistant"]
+        pieces = []
+        for index, (low, high) in zip(trained, spans, strict=True):
+            added, content = text[low:high], probe[index]["content"]
+            at = added.find(content)
+            left, right = added[:at], added[at + len(content) :]
+            if at < 0 or PROBE[0] in left + right:  # content altered, or other turns' text inside the span
+                return Layout(None)
+            pieces.append((index, left, right))
+        return Layout(pieces)
+
+
+def _locate(pieces: list[tuple[int, str, str]], messages: list[dict], text: str) -> list[tuple[int, int]] | None:
+    spans, cursor = [], 0
+    for index, left, right in pieces:
+        needle = left + messages[index]["content"] + right
+        start = text.find(needle, cursor)
+        if start < 0:
+            return None
+        cursor = start + len(needle)
+        spans.append((start, cursor))
+    return spans
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+class Tokenize:
+    """Batch function for `datasets.map(batched=True)`: columns `messages`/`prompt_turns` (chat), `text`
+    (document, or the prompt of a `completion`), `source` → `input_ids`, `labels`, lengths and errors.
+
+    Picklable for worker processes: the renderer, span layouts and tokenizer copy are rebuilt in each.
+    """
+
+    def __init__(self, tokenizer: Any, *, train_on: str, max_length: int) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError("the tokenizer has no fast (Rust) implementation, needed for character offsets")
+        self.tokenizer = tokenizer
+        self.train_on = train_on
+        self.max_length = max_length
+        self.eos = tokenizer.eos_token_id
+        self._state: tuple[Any, ChatRenderer, SpanFinder] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_state": None}
+
+    def state(self) -> tuple[Any, ChatRenderer, SpanFinder]:
+        if self._state is None:
+            from tokenizers import Tokenizer
+
+            backend = self.tokenizer.backend_tokenizer
+            if backend.truncation is not None or backend.padding is not None:
+                backend = Tokenizer.from_str(backend.to_str())  # a copy: truncation is ours, after the masks
+                backend.no_truncation()
+                backend.no_padding()
+            render = ChatRenderer(self.tokenizer)
+            self._state = (backend, render, SpanFinder(render))
+        return self._state
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        backend, render, finder = self.state()
+        count = len(batch["source"])
+        out: dict[str, list] = {k: [None] * count for k in ("input_ids", "labels", "full_length", "error")}
+        chats, plain = [], []
+        texts: dict[int, str] = {}
+        spans: dict[int, list[tuple[int, int]] | None] = {}
+        for row in range(count):
+            source, messages = batch["source"][row], (batch.get("messages") or [None] * count)[row]
+            try:
+                if messages is not None:
+                    texts[row] = render(messages, source)
+                    turns = batch["prompt_turns"][row]
+                    keep = self.train_on != "all"
+                    spans[row] = finder.spans(messages, texts[row], source, turns) if keep else None
+                    chats.append(row)
+                else:
+                    completion = (batch.get("completion") or [None] * count)[row]
+                    prompt = batch["text"][row]
+                    texts[row] = prompt + (completion or "")
+                    trained = completion is not None and self.train_on != "all"
+                    spans[row] = [(len(prompt), len(texts[row]))] if trained else None
+                    plain.append(row)
+            except DataError as exc:
+                out["error"][row] = str(exc)
+        for rows, special in ((chats, False), (plain, True)):
+            if rows:
+                encodings = backend.encode_batch([texts[r] for r in rows], add_special_tokens=special)
+                for row, encoding in zip(rows, encodings, strict=True):
+                    ids, labels = _labels(encoding, spans[row], self.eos if special else None)
+                    out["full_length"][row] = len(ids)
+                    out["input_ids"][row], out["labels"][row] = ids[: self.max_length], labels[: self.max_length]
+        out["trainable"] = [_trainable(labels) for labels in out["labels"]]
+        return out
+
+
+def _labels(encoding: Any, spans: list[tuple[int, int]] | None, eos: int | None) -> tuple[list[int], list[int]]:
+    """Token ids and labels: the tokens overlapping `spans` (every token when None); plus a trained EOS."""
+    ids: list[int] = encoding.ids
+    if spans is None:
+        labels = list(ids)
+    else:
+        labels = [IGNORE_INDEX] * len(ids)
+        for low, high in spans:
+            first, last = _token_range(encoding, low, high, len(ids))
+            labels[first : last + 1] = ids[first : last + 1]
+    if eos is not None and (not ids or ids[-1] != eos):  # documents and completions end, so the model learns to stop
+        ids, labels = [*ids, eos], [*labels, eos]
+    return ids, labels
+
+
+def _token_range(encoding: Any, low: int, high: int, count: int) -> tuple[int, int]:
+    """First and last token overlapping characters [low, high); (0, -1) when none does."""
+    first = next((t for p in range(low, high) if (t := encoding.char_to_token(p)) is not None), None)
+    last = next((t for p in range(high - 1, low - 1, -1) if (t := encoding.char_to_token(p)) is not None), None)
+    if first is None or last is None:
+        return 0, -1
+    # Byte-fallback pieces of one character share its offsets: widen over them at both edges.
+    while first > 0 and (chars := encoding.token_to_chars(first - 1)) is not None and chars[1] > low:
+        first -= 1
+    while last + 1 < count and (chars := encoding.token_to_chars(last + 1)) is not None and chars[0] < high:
+        last += 1
+    return first, last
+
+
+def _trainable(labels: list[int] | None) -> int:
+    """Labels that take a loss: the first position predicts nothing (labels shift by one)."""
+    if not labels:
+        return 0
+    return len(labels) - labels.count(IGNORE_INDEX) - (labels[0] != IGNORE_INDEX)
+
+
+def examples_to_columns(examples: list[Example]) -> dict[str, list]:
+    """Columns for `Tokenize` (and an Arrow table); columns no example uses are left out."""
+    columns: dict[str, list] = {"source": [e.source for e in examples]}
+    if any(e.messages is not None for e in examples):
+        columns["messages"] = [list(e.messages) if e.messages is not None else None for e in examples]
+        columns["prompt_turns"] = [e.prompt_turns for e in examples]
+    if any(e.messages is None for e in examples):
+        columns["text"] = [e.text for e in examples]
+    if any(e.completion is not None for e in examples):
+        columns["completion"] = [e.completion for e in examples]
+    return columns
+
+
+def tokenize_one(example: Example, tokenizer: Any, *, train_on: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example, untruncated (DataError if the template rejects it)."""
+    result = Tokenize(tokenizer, train_on=train_on, max_length=1 << 62)(examples_to_columns([example]))
+    if result["error"][0]:
+        raise DataError(result["error"][0])
+    return result["input_ids"][0], result["labels"][0]
+
+
+def tokenize_examples(
+    examples: list[Example], tokenizer: Any, *, max_length: int, train_on: str, truncation: str = "truncate"
+) -> TokenizedSet:
+    """Token ids and labels (IGNORE_INDEX where no loss is taken) for every example, in this process."""
+    out = Tokenize(tokenizer, train_on=train_on, max_length=max_length)(examples_to_columns(examples))
+    result = TokenizedSet(input_ids=[], labels=[], sources=[])
+    for row, example in enumerate(examples):
+        if out["error"][row]:
+            raise DataError(out["error"][row])
+        too_long = out["full_length"][row] > max_length
+        if too_long and truncation == "error":
+            raise DataError(f"{example.source}: {out['full_length'][row]} tokens, over data.max_length={max_length}")
+        result.truncated += too_long
+        if (too_long and truncation == "drop") or not out["trainable"][row]:
+            result.dropped.append(example.source)
+            continue
+        result.input_ids.append(out["input_ids"][row])
+        result.labels.append(out["labels"][row])
+        result.sources.append(example.source)
+    if not result.input_ids:
+        raise DataError(f"no example keeps a trainable token within data.max_length={max_length}")
+    return result
 
 
 def describe_example(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:

@@ -1,23 +1,35 @@
 """Everything before the weights load: pull and validate the data, resolve the model, tokenize with masks.
 
 `train` and `validate` share this code, so what `validate` accepts, `train` accepts.
+
+    fetch data ─ sha256 of every file ─ validated before? (cache) ─ else read + validate (exit 65 here)
+    resolve the model, load the tokenizer, choose the chat template
+    tokenized before, same tokenizer and settings? (cache: scratch, then the run's store) ─ else
+        tokenize with masks (all cores) ─ truncate/drop ─ pack ─ save (scratch, then the store)
+    report skipped records, log the statistics and one decoded example
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
-from job.data import Dataset, file_digests, load_dataset, split_for_eval
+from job.data import Dataset, file_digests, list_data_files, load_dataset, split_for_eval
+from job.errors import DataError, JobError
 from job.logs import get_logger
-from job.masking import TokenizedSet, apply_chat_template_choice, describe_example, tokenize_examples
+from job.masking import apply_chat_template_choice, resolve_chat_template
 from job.model import ModelSource, load_tokenizer, resolve_source
-from job.storage import fetch_input
+from job.splits import MAX_LISTED, DataSplit, steps_per_epoch, tokenize_split
+from job.storage import AlreadyExists, Store, fetch_input
+from job.tokenize_cache import TokenizeCache, fingerprint, tokenizer_digest
 
 log = get_logger(__name__)
+
+__all__ = ["DataSplit", "Prepared", "prepare", "scratch_dir", "validate"]
 
 
 def scratch_dir(config: JobConfig) -> Path:
@@ -25,80 +37,229 @@ def scratch_dir(config: JobConfig) -> Path:
 
 
 @dataclass
+class DatasetInfo:
+    """What is known of the records without holding them (a cache hit never reads them)."""
+
+    format: str
+    records: int
+    records_per_file: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.records
+
+
+@dataclass
 class Prepared:
     """Everything known before the weights load."""
 
-    dataset: Dataset
-    train: TokenizedSet
-    eval: TokenizedSet | None
+    dataset: DatasetInfo
+    train: DataSplit
+    eval: DataSplit | None
     source: ModelSource
     tokenizer: Any
     template_origin: str | None
     data_digests: dict[str, str]
+    skipped: list[str] = field(default_factory=list)
+    """Bad records skipped under data.max_invalid (`location: reason`)."""
+    cache_hit: bool = False
+    fingerprint: str = ""
+
+    @property
+    def format(self) -> str:
+        return self.dataset.format
 
 
-def prepare(config: JobConfig) -> Prepared:
-    """Pull and validate the data, resolve the model, tokenize with masks. No weights are loaded."""
+def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
+    """Pull and validate the data, resolve the model, tokenize with masks. No weights are loaded.
+
+    `store` (the run's) holds the tokenization cache and the skipped-records report; without one
+    (`validate`) both stay in scratch.
+    """
+    data = config.data
     scratch = scratch_dir(config)
     started = time.monotonic()
-    dataset = load_dataset(fetch_input(config.data.train, scratch, config.storage), config.data.format)
-    dataset, held_out = split_for_eval(dataset, config.data.eval_fraction, config.train.seed)
-    if config.data.eval:
-        held_out = load_dataset(fetch_input(config.data.eval, scratch, config.storage), dataset.format)
-    digests = file_digests(dataset.files)
+    train_root = fetch_input(data.train, scratch, config.storage)  # type: ignore[arg-type]
+    eval_root = fetch_input(data.eval, scratch, config.storage) if data.eval else None
+    digests = file_digests(list_data_files(train_root), train_root)
+    eval_digests = file_digests(list_data_files(eval_root), eval_root) if eval_root else None
+    split_seed = config.train.seed if data.eval_fraction else None
+    data_key = fingerprint(
+        {"train": digests, "eval": eval_digests, "format": data.format, "eval_fraction": data.eval_fraction,
+         "seed": split_seed}
+    )  # fmt: skip
+    cache = TokenizeCache(scratch / "cache", store if data.cache else None)
+    validated = cache.read_validation(data_key) if data.cache else None
+    loaded: tuple[Dataset, Dataset | None, int] | None = None
+    if validated is None:
+        loaded = _load(config, train_root, eval_root)  # bad data stops here, before the model is pulled
+        validated = _validation_record(*loaded)
+        if data.cache:
+            cache.write_validation(data_key, validated)
+    else:
+        log.info("data_validated_earlier", records=validated["records"], format=validated["format"])
+    _check_invalid(validated["skipped"], data.max_invalid)
 
     source = resolve_source(config.model, scratch, config.storage)
     tokenizer = load_tokenizer(source, config.model)
-    template_origin = None
-    if dataset.format == "messages":
-        template_origin = apply_chat_template_choice(tokenizer, config.data.chat_template)
+    template, _ = resolve_chat_template(tokenizer, data.chat_template)
+    template_origin = apply_chat_template_choice(tokenizer, data.chat_template) if validated["chat"] else None
+    key = fingerprint(
+        {"data": data_key, "tokenizer": tokenizer_digest(tokenizer), "chat_template": template if validated["chat"]
+         else None, "train_on": data.train_on, "max_length": data.max_length, "truncation": data.truncation,
+         "packing": data.packing}
+    )  # fmt: skip
+    hit = cache.load(key) if data.cache else None
+    if hit is not None:
+        splits, summary, where = hit
+        log.info("tokenize_cache_hit", fingerprint=key, where=where, seconds=round(time.monotonic() - started, 2))
+        train = DataSplit(splits["train"], summary["train"])
+        evaluation = DataSplit(splits["eval"], summary["eval"]) if "eval" in splits else None
+    else:
+        if data.cache:
+            log.info("tokenize_cache_miss", fingerprint=key)
+        loaded = loaded or _load(config, train_root, eval_root)
+        train = tokenize_split(loaded[0].examples, tokenizer, data, "train")
+        evaluation = tokenize_split(loaded[1].examples, tokenizer, data, "eval") if loaded[1] else None
+        summary = {"train": train.stats, "eval": evaluation.stats if evaluation else None}
+        if data.cache:
+            splits = {"train": train.dataset, **({"eval": evaluation.dataset} if evaluation else {})}
+            local = cache.save(key, splits, summary)
+            cache.publish(key, local)
+            train, evaluation = _reopen(local, train, evaluation)  # memory-mapped from disk, not held in RAM
+    skipped = [*validated["skipped"], *train.stats["invalid"], *(evaluation.stats["invalid"] if evaluation else [])]
+    _check_invalid(skipped, data.max_invalid)
+    if skipped:
+        _write_report(skipped, config, scratch, store, data_key)
+    info = DatasetInfo(validated["format"], validated["records"], validated["records_per_file"])
+    prepared = Prepared(
+        info, train, evaluation, source, tokenizer, template_origin, digests, skipped, hit is not None, key
+    )
+    _log_ready(prepared, time.monotonic() - started)
+    return prepared
 
-    def tokenize(part: Dataset) -> TokenizedSet:
-        return tokenize_examples(
-            part.examples, tokenizer, max_length=config.data.max_length, train_on=config.data.train_on
+
+def _load(config: JobConfig, train_root: Path, eval_root: Path | None) -> tuple[Dataset, Dataset | None, int]:
+    """The train and eval records, validated, and how many valid records the train files hold."""
+    data = config.data
+    dataset = load_dataset(train_root, data.format, max_invalid=data.max_invalid)
+    train, held_out = split_for_eval(dataset, data.eval_fraction, config.train.seed)
+    if eval_root is not None:
+        held_out = load_dataset(eval_root, dataset.format, max_invalid=data.max_invalid)
+        held_out.skipped = [f"(eval) {line}" for line in held_out.skipped]
+    return train, held_out, len(dataset)
+
+
+def _validation_record(train: Dataset, held_out: Dataset | None, records: int) -> dict[str, Any]:
+    separate_eval = held_out is not None and held_out.files != train.files
+    return {
+        "format": train.format,
+        "chat": any(e.messages is not None for e in (*train.examples, *(held_out.examples if held_out else []))),
+        "records": records,
+        "records_per_file": train.records_per_file,
+        "eval_records_per_file": held_out.records_per_file if separate_eval else {},  # type: ignore[union-attr]
+        "skipped": [*train.skipped, *(held_out.skipped if separate_eval else [])],  # type: ignore[union-attr]
+    }
+
+
+def _check_invalid(skipped: list[str], max_invalid: int) -> None:
+    if len(skipped) > max_invalid:
+        shown = "\n  ".join(skipped[:MAX_LISTED])
+        raise DataError(
+            f"{len(skipped)} bad record(s), more than data.max_invalid={max_invalid}:\n  {shown}",
+            hint="fix the records, or raise data.max_invalid to skip them",
         )
 
-    train = tokenize(dataset)
-    evaluation = tokenize(held_out) if held_out is not None else None
+
+def _reopen(local: Path, train: DataSplit, evaluation: DataSplit | None) -> tuple[DataSplit, DataSplit | None]:
+    import datasets
+
+    train = DataSplit(datasets.load_from_disk(str(local / "train")), train.stats)
+    if evaluation is not None:
+        evaluation = DataSplit(datasets.load_from_disk(str(local / "eval")), evaluation.stats)
+    return train, evaluation
+
+
+def _write_report(skipped: list[str], config: JobConfig, scratch: Path, store: Store | None, key: str) -> None:
+    """The skipped records, in the run's store under reports/ (else scratch): the log names where."""
+    name = f"reports/invalid-records-{key[:16]}.json"
+    body = json.dumps({"max_invalid": config.data.max_invalid, "count": len(skipped), "records": skipped}, indent=1)
+    if store is not None:
+        try:
+            store.write_bytes(name, body.encode(), if_absent=True)
+        except AlreadyExists:
+            pass  # written by an earlier start for the same files
+        except JobError as exc:
+            log.warning("invalid_records_report_not_stored", error=str(exc))
+        where = f"{store.uri}/{name}"
+    else:
+        path = scratch / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body)
+        where = str(path)
+    log.warning("invalid_records_skipped", count=len(skipped), max_invalid=config.data.max_invalid, report=where)
+
+
+def _log_ready(prepared: Prepared, seconds: float) -> None:
+    train = prepared.train.stats
     log.info(
         "data_ready",
-        format=dataset.format,
-        train_examples=len(train.input_ids),
-        eval_examples=len(evaluation.input_ids) if evaluation else 0,
-        tokens=train.tokens,
-        trainable_tokens=train.trainable_tokens,
-        truncated=train.truncated,
-        dropped=len(train.dropped),
-        chat_template=template_origin,
-        seconds=round(time.monotonic() - started, 2),
+        format=prepared.format,
+        train_examples=train["examples"],
+        eval_examples=prepared.eval.stats["examples"] if prepared.eval else 0,
+        tokens=train["tokens"],
+        trainable_tokens=train["trainable_tokens"],
+        truncated=train["truncated"],
+        dropped=train["dropped"],
+        skipped_records=len(prepared.skipped),
+        sequences=train["sequences"],
+        packed=train["packed"],
+        chat_template=prepared.template_origin,
+        cache_hit=prepared.cache_hit,
+        seconds=round(seconds, 2),
     )
+    if train["truncated"] or train["dropped"]:
+        log.warning(
+            "examples_truncated",
+            truncated=train["truncated"],
+            dropped=train["dropped"],
+            first_dropped=train["dropped_sources"][:3],
+        )
+    example = train["example"]
     log.info(
-        "example_masked",
-        source=train.sources[0],
-        note="trained tokens are between « and »",
-        text=describe_example(tokenizer, train.input_ids[0], train.labels[0]),
+        "example_masked", source=example["source"], note="trained tokens are between « and »", text=example["text"]
     )
-    return Prepared(dataset, train, evaluation, source, tokenizer, template_origin, digests)
 
 
-def validate(config: JobConfig) -> dict[str, Any]:
+def validate(config: JobConfig, *, store: Store | None = None) -> dict[str, Any]:
     """Config and data checks, with the statistics a user needs to size the run."""
-    prepared = prepare(config)
-    train = prepared.train
-    lengths = sorted(len(ids) for ids in train.input_ids)
+    prepared = prepare(config, store=store)
+    train = prepared.train.stats
     per_step = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps
-    return {
-        "format": prepared.dataset.format,
-        "files": {str(f): d for f, d in prepared.data_digests.items()},
-        "records": len(prepared.dataset),
-        "examples": len(lengths),
-        "eval_examples": len(prepared.eval.input_ids) if prepared.eval else 0,
-        "tokens": train.tokens,
-        "trainable_tokens": train.trainable_tokens,
-        "truncated": train.truncated,
-        "dropped": len(train.dropped),
+    report: dict[str, Any] = {
+        "format": prepared.format,
+        "files": prepared.data_digests,
+        "records": prepared.dataset.records,
+        "records_per_file": prepared.dataset.records_per_file,
+        "skipped_records": len(prepared.skipped),
+        "examples": train["examples"],
+        "eval_examples": prepared.eval.stats["examples"] if prepared.eval else 0,
+        "tokens": train["tokens"],
+        "trainable_tokens": train["trainable_tokens"],
+        "truncated": train["truncated"],
+        "dropped": train["dropped"],
         "max_length": config.data.max_length,
-        "length_max": lengths[-1],
-        "optimizer_steps_per_epoch": -(-len(lengths) // per_step),
+        "length_p50": train["lengths"]["p50"],
+        "length_p90": train["lengths"]["p90"],
+        "length_p99": train["lengths"]["p99"],
+        "length_max": train["lengths"]["max"],
+        "packing": config.data.packing,
+        "sequences": train["sequences"],
+        "examples_per_optimizer_step": per_step if not config.data.packing else None,
+        "sequences_per_optimizer_step": per_step,
+        "optimizer_steps_per_epoch": steps_per_epoch(train["sequences"], config.train),
         "chat_template": prepared.template_origin,
+        "tokenize_cache_hit": prepared.cache_hit,
     }
+    if config.data.packing:
+        report["packing_efficiency"] = train["packing_efficiency"]
+    return report

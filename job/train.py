@@ -63,7 +63,10 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
         "fp16": on_gpu and config.model.dtype == "float16",
         "use_cpu": not on_gpu,
         "max_length": config.data.max_length,
-        "packing": False,
+        # The dataset arrives tokenized, masked and (data.packing) packed with `seq_lengths`: TRL prepares
+        # nothing; packing=True only makes its collator padding-free, so positions restart per example.
+        "packing": config.data.packing,
+        "padding_free": config.data.packing,
         "dataset_kwargs": {"skip_prepare_dataset": True},
         # Step-based saves go through Trainer; time- and signal-based ones through CheckpointCallback.
         "save_strategy": "steps",
@@ -76,6 +79,8 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
         "dataloader_num_workers": 0,
     }
     kwargs.update(train.extra)
+    if has_eval and "eval_steps" in train.extra and "eval_strategy" not in train.extra:
+        kwargs["eval_strategy"] = "steps"  # eval_steps alone means "evaluate every N steps"
     if not has_eval and kwargs.get("eval_strategy") not in (None, "no"):
         raise ConfigError("train.eval_strategy is set but there is no evaluation data", hint="set data.eval")
     try:
