@@ -68,9 +68,9 @@ def test_8bit_states_track_adamw() -> None:
 
 @pytest.mark.parametrize("name", list(OUR_OPTIMIZERS))
 def test_sub_ulp_updates_accumulate_in_bf16(name: str) -> None:
-    # lr 1e-4 on weights of 1.0: each step is 1/78 of a bf16 ulp (2^-7) and rounds away in plain bf16 AdamW.
-    ours = [torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))]
-    plain = [torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))]
+    # lr 1e-4 on weights of 1.0: each step is 1/39 of a bf16 ulp (2^-8 below 1) and rounds away in plain bf16 AdamW.
+    ours = [torch.nn.Parameter(torch.ones(1024, dtype=torch.bfloat16))]
+    plain = [torch.nn.Parameter(torch.ones(1024, dtype=torch.bfloat16))]
     opt = OUR_OPTIMIZERS[name].cls(ours, lr=1e-4)
     plain_opt = torch.optim.AdamW(plain, lr=1e-4, weight_decay=0.0)
     for _ in range(200):
