@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from job import flops
-from job.optim import CHUNK, DEFAULT_OPTIMIZER, OUR_OPTIMIZERS, optimizer_state_bytes
+from job.optim import CHUNK, DEFAULT_OPTIMIZER, KNOWN_STATE_MODELS, OUR_OPTIMIZERS, optimizer_state_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -228,10 +228,14 @@ def make_plan(
     source = "given" if gpu_name else ("detected" if detected else "default")
     gpu_memory = gpu_memory_bytes or (detected.memory_bytes if detected else DEFAULT_GPU_MEMORY)
     peak = peak_flops or flops.peak_bf16_flops(name)
-    args = (shape, torch_dtype, optimizer, per_device_batch_size, seq_length, activation_checkpointing)
+    warnings = []
+    modelled = optimizer
+    if optimizer not in KNOWN_STATE_MODELS:  # another transformers name: assume AdamW-sized states
+        modelled = "adamw_torch_fused"
+        warnings.append(f"no memory model for {optimizer!r}: counted as two states in the weights' dtype")
+    args = (shape, torch_dtype, modelled, per_device_batch_size, seq_length, activation_checkpointing)
     memory = _memory(*args)
     fits = memory["total"] <= gpu_memory
-    warnings = []
     if optimizer not in OUR_OPTIMIZERS and torch_dtype in (torch.bfloat16, torch.float16):
         warnings.append(
             f"{optimizer} with {torch_dtype} weights rounds away updates smaller than ~|w|/256: at lr 5e-6 most weights"

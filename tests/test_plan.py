@@ -100,6 +100,12 @@ def test_seed_recipe_warns_about_bf16_rounding() -> None:
     assert any("adamw_kahan" in w for w in plan["warnings"])
 
 
+def test_other_transformers_optimizer_is_estimated_with_a_warning() -> None:
+    plan = planner.make_plan(TINY, optimizer="adafactor", per_device_batch_size=1, seq_length=32)
+    assert plan["optimizer"] == "adafactor" and plan["memory_bytes"]["optimizer"] > 0
+    assert any("no memory model" in w for w in plan["warnings"])
+
+
 def test_config_from_file_and_directory(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     by_file = planner.make_plan(tmp_path / "config.json", per_device_batch_size=1, seq_length=32)
