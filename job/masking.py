@@ -154,7 +154,8 @@ def _end_of_shared_tail(before: str, through: str) -> int:
     """Where, in `through`, the longest tail of `before` that it contains ends.
 
     Usually `before` is a prefix of `through` and this is `len(before)`. A tail
-    that occurs implies its own tails occur, so binary search finds the longest.
+    that occurs implies its own tails occur, so binary search finds the longest;
+    the turn's text follows its last occurrence.
     """
     if through.startswith(before):
         return len(before)
@@ -168,7 +169,7 @@ def _end_of_shared_tail(before: str, through: str) -> int:
     if low == 0:
         return 0
     tail = before[len(before) - low :]
-    return through.find(tail) + low
+    return through.rfind(tail) + low  # the last occurrence: an earlier turn may repeat the same text
 
 
 @dataclass

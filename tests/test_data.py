@@ -126,3 +126,153 @@ def test_eval_split_is_seeded_and_disjoint(tmp_path: Path) -> None:
     assert {e.text for e in held.examples} == {e.text for e in again_held.examples}
     assert {e.text for e in held.examples} != {e.text for e in other_held.examples}
     assert not {e.text for e in held.examples} & {e.text for e in train.examples}
+
+
+# ---------------------------------------------------------------- every format, every container
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "first"),
+    [
+        ("messages.jsonl", "messages",
+         ["Answer in one sentence.", "What is the capital of Ruritania?", "Strelsau is the capital."]),
+        ("sharegpt.json", "sharegpt", ["Be terse.", "Name a colour.", "Teal."]),
+        ("alpaca.jsonl.gz", "alpaca", ["Translate to French.\n\nGood morning", "Bonjour"]),
+        ("prompt_completion_chat.jsonl.zst", "prompt_completion",
+         ["Hi", "Hello, what do you need?", "A haiku.", "Old pond, frog jumps in."]),
+    ],
+)  # fmt: skip
+def test_chat_formats_from_fixture_files_become_turns(name: str, fmt: str, first: list[str]) -> None:
+    dataset = load_dataset(FIXTURES / name)
+    assert dataset.format == fmt
+    assert [turn["content"] for turn in dataset.examples[0].messages] == first
+    assert all(turn["role"] in ("system", "user", "assistant") for e in dataset.examples for turn in e.messages)
+
+
+def test_sharegpt_roles_and_json_array_lines() -> None:
+    dataset = load_dataset(FIXTURES / "sharegpt.json")
+    assert [t["role"] for t in dataset.examples[1].messages] == ["user", "assistant", "user", "assistant"]
+    assert [e.source.rsplit(":", 1)[1] for e in dataset.examples] == ["2", "18"]  # the line each record starts on
+
+
+def test_prompt_completion_strings_and_conversational() -> None:
+    strings = load_dataset(FIXTURES / "prompt_completion.parquet")
+    first = strings.examples[0]
+    assert (first.kind, first.text, first.completion) == ("completion", "The capital of Syldavia is", " Klow.")
+    assert first.source.endswith("prompt_completion.parquet:row 0")
+    chat = load_dataset(FIXTURES / "prompt_completion_chat.jsonl.zst").examples[0]
+    assert chat.kind == "chat" and chat.prompt_turns == 3 and len(chat.messages) == 4
+
+
+def test_alpaca_without_input_and_text_format() -> None:
+    alpaca = load_dataset(FIXTURES / "alpaca.jsonl.gz").examples[1]
+    assert [t["content"] for t in alpaca.messages] == ["Name a prime number.", "Seven."]
+    text = load_dataset(FIXTURES / "text.jsonl")
+    assert text.format == "text" and text.examples[1].text == "Another one, with unicode: café ☕."
+
+
+def test_zstd_written_by_the_zstd_tool_and_json_holding_json_lines(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "one"}, {"text": "two"}])
+    if shutil.which("zstd"):
+        subprocess.run(["zstd", "-q", str(plain), "-o", str(tmp_path / "x.jsonl.zst")], check=True)
+        assert [e.text for e in load_dataset(tmp_path / "x.jsonl.zst").examples] == ["one", "two"]
+    lines_named_json = tmp_path / "lines.json"
+    lines_named_json.write_text(plain.read_text())
+    assert [e.source.rsplit(":", 1)[1] for e in load_dataset(lines_named_json).examples] == ["1", "2"]
+
+
+def test_directory_of_mixed_containers_in_stable_order(tmp_path: Path) -> None:
+    import shutil
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shutil.copy(FIXTURES / "messages.jsonl", shards / "b.jsonl")
+    shutil.copy(FIXTURES / "sharegpt.json", shards / "c.json")  # another chat format: a different format is refused
+    (shards / ".hidden.jsonl").write_text("not json\n")  # hidden files are never read
+    write_jsonl(shards / "a" / "x.jsonl", [CHAT])
+    with pytest.raises(DataError, match=r"c\.json:2: format `messages` needs field"):
+        load_dataset(shards)
+    (shards / "c.json").unlink()
+    dataset = load_dataset(shards)
+    assert [f.relative_to(shards).as_posix() for f in dataset.files] == ["a/x.jsonl", "b.jsonl"]
+    assert dataset.records_per_file == {"a/x.jsonl": 1, "b.jsonl": 2}
+
+
+# ---------------------------------------------------------------- bad records in every format
+
+
+@pytest.mark.parametrize(
+    ("record", "fmt", "message"),
+    [
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}, "sharegpt", "from 'bot'"),
+        ({"conversations": [{"from": "gpt", "value": "a"}]}, "sharegpt", "'assistant' where 'user'"),
+        ({"instruction": "do", "output": ""}, "alpaca", "field 'output' is empty"),
+        ({"instruction": "do", "input": 3, "output": "x"}, "alpaca", "field 'input' must be a string"),
+        ({"prompt": "p", "completion": [{"role": "assistant", "content": "a"}]}, "prompt_completion",
+         "both be strings"),
+        ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+         "prompt_completion", "completion[0] is 'user'"),
+        ({"prompt": "  ", "completion": "a"}, "prompt_completion", "field 'prompt' is empty"),
+        ({"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "a"}]},
+         "messages", "invalid UTF-8 (lone surrogate"),
+        ({"text": "x", "instruction": "y"}, "alpaca", "needs field(s) ['output']"),
+    ],
+)  # fmt: skip
+def test_bad_records_of_each_format_name_file_and_line(tmp_path: Path, record: dict, fmt: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n" + json.dumps(record) + "\n")  # line 1 is blank: the record is on line 2
+    with pytest.raises(DataError) as info:
+        load_dataset(path, fmt)
+    assert f"{path}:2" in str(info.value) and message in str(info.value), str(info.value)
+    assert info.value.exit_code == 65
+
+
+def test_bad_rows_in_parquet_and_json_arrays(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": "fine"}, {"text": ""}]), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet:row 1: field 'text' is empty"):
+        load_dataset(tmp_path / "t.parquet")
+    (tmp_path / "a.json").write_text('[\n  {"text": "ok"},\n  {"text": "broken"\n  }}\n]')
+    with pytest.raises(DataError, match=r"a\.json:4: malformed JSON") as info:
+        load_dataset(tmp_path / "a.json")
+    assert info.value.exit_code == 65
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_dataset(tmp_path / "bad.parquet")
+
+
+def test_corrupt_compressed_files_are_data_errors(tmp_path: Path) -> None:
+    (tmp_path / "x.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(DataError, match=r"x\.jsonl\.gz"):
+        load_dataset(tmp_path / "x.jsonl.gz")
+    (tmp_path / "y.jsonl.zst").write_bytes(b"(\xb5/\xfd garbage")
+    with pytest.raises(DataError, match=r"y\.jsonl\.zst"):
+        load_dataset(tmp_path / "y.jsonl.zst")
+
+
+def test_max_invalid_skips_and_lists_up_to_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "some-bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": 1}\nnot json\n{"text": "also ok"}\n')
+    dataset = load_dataset(path, max_invalid=2)
+    assert [e.text for e in dataset.examples] == ["ok", "also ok"]
+    assert [s.split(": ", 1)[0] for s in dataset.skipped] == [f"{path}:2", f"{path}:3"]
+    with pytest.raises(DataError, match=r"2 bad record\(s\).*max_invalid=1"):
+        load_dataset(path, max_invalid=1)
+    path.write_text("not json\n")
+    with pytest.raises(DataError, match="holds no records"):  # skipping everything leaves nothing to train
+        load_dataset(path, max_invalid=5)
+
+
+def test_a_record_in_another_format_names_where_the_format_was_detected(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "mixed.jsonl", [CHAT, {"text": "a document"}])
+    with pytest.raises(DataError) as info:
+        load_dataset(path)
+    text = str(info.value)
+    assert f"{path}:2" in text and f"detected at {path}:1" in text and "looks like `text`" in text

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
-from job.data import Example
+from job.data import Example, load_dataset
 from job.errors import DataError
 from job.masking import (
     IGNORE_INDEX,
+    ChatRenderer,
+    SpanFinder,
+    Tokenize,
     apply_chat_template_choice,
+    assistant_spans,
     default_chat_template,
     describe_example,
+    examples_to_columns,
     tokenize_examples,
     tokenize_one,
 )
@@ -139,3 +145,116 @@ def test_padding_never_trains_and_eos_is_never_masked(tokenizer) -> None:
     real[0, :n_short] = True
     real[1, :] = True
     assert (batch["labels"][eos_positions & real] == local.eos_token_id).all()  # every real EOS trains
+
+
+# ---------------------------------------------------------------- every format, two templates
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+EXPECTED_TRAINED = {
+    "messages.jsonl": [["Strelsau is the capital."], ["Joined.", "Still joined."]],
+    "sharegpt.json": [["Teal."], ["One, two.", "One, two, three."]],
+    "alpaca.jsonl.gz": [["Bonjour"], ["Seven."]],
+    "prompt_completion_chat.jsonl.zst": [["Old pond, frog jumps in."]],  # the prompt's own answer is context
+}
+
+
+@pytest.mark.parametrize(("template", "end"), [(None, "</s>"), (LLAMA3_STYLE, "<|eot_id|>")])
+@pytest.mark.parametrize("name", sorted(EXPECTED_TRAINED))
+def test_each_chat_format_trains_exactly_the_assistant_contents(chat_tokenizer, template, end, name) -> None:
+    chat_tokenizer.chat_template = None
+    apply_chat_template_choice(chat_tokenizer, template)
+    for example, expected in zip(load_dataset(FIXTURES / name).examples, EXPECTED_TRAINED[name], strict=True):
+        assert [r.strip() for r in trained_text(chat_tokenizer, example)] == [f"{c}{end}" for c in expected]
+
+
+def test_prompt_completion_strings_train_the_completion_and_eos(tokenizer) -> None:
+    examples = load_dataset(FIXTURES / "prompt_completion.parquet").examples
+    for example, completion in zip(examples, ["Klow.", "4"], strict=True):
+        ids, _ = tokenize_one(example, tokenizer, train_on="assistant")
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids) == f"<s> {example.text}{example.completion}</s>"
+        assert [r.strip() for r in trained_text(tokenizer, example)] == [f"{completion}</s>"]
+        _, all_labels = tokenize_one(example, tokenizer, train_on="all")
+        assert all_labels == ids
+
+
+def test_text_documents_train_every_token(tokenizer) -> None:
+    for example in load_dataset(FIXTURES / "text.jsonl").examples:
+        ids, labels = tokenize_one(example, tokenizer, train_on="assistant")
+        assert labels == ids and tokenizer.decode(ids, skip_special_tokens=True) == example.text
+
+
+def test_multibyte_characters_at_the_edges_of_a_turn_are_trained_whole(tokenizer) -> None:
+    """Byte-fallback pieces of one character share its offsets; none may be cut off the mask."""
+    local = copy.deepcopy(tokenizer)
+    apply_chat_template_choice(local, None)
+    answer = "☕🐸 tea and a frog 🐸☕"
+    example = Example(
+        "t:1", messages=({"role": "user", "content": "🐸 draw"}, {"role": "assistant", "content": answer})
+    )
+    assert [r.strip() for r in trained_text(local, example)] == [f"{answer}</s>"]
+
+
+# ---------------------------------------------------------------- the shortcut equals the prefix method
+
+CONTENT_TRIMMING = (  # a template that alters content: the shortcut cannot find it and must fall back
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[U] ' + m['content'] | trim }}"
+    "{% elif m['role'] == 'system' %}{{ '[S] ' + m['content'] }}"
+    "{% else %}{{ '[A] ' + m['content'] | trim + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[A] ' }}{% endif %}"
+)
+
+
+def random_conversations(count: int, seed: int) -> list[list[dict]]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "[INST]", "</s>", "gamma", "  padded  ", "ünï", "🐸", "delta\n", "eos"]
+    out = []
+    for _ in range(count):
+        turns = [{"role": "system", "content": " ".join(rng.choices(words, k=3))}] if rng.random() < 0.4 else []
+        for _ in range(rng.randint(1, 3)):
+            turns.append({"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 6)))})
+            turns.append({"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 6)))})
+        out.append(turns)
+    return out
+
+
+@pytest.mark.parametrize("template", [None, HUB_MISTRAL, LLAMA3_STYLE, CONTENT_TRIMMING])
+def test_layout_shortcut_gives_the_same_spans_as_rendering_every_prefix(chat_tokenizer, template) -> None:
+    chat_tokenizer.chat_template = None
+    apply_chat_template_choice(chat_tokenizer, template)
+    render = ChatRenderer(chat_tokenizer)
+    finder = SpanFinder(render)
+    for index, messages in enumerate(random_conversations(120, seed=7)):
+        text = render(messages, f"r:{index}")
+        assert text == chat_tokenizer.apply_chat_template(messages, tokenize=False)  # the renderer is exact
+        assert finder.spans(messages, text, f"r:{index}", 0) == assistant_spans(render, messages, text, "r", 0)
+    used = [layout for layout in finder.layouts.values() if layout.pieces is not None]
+    if template is CONTENT_TRIMMING:
+        assert finder.fallbacks > 0  # padded contents were not found as such
+    else:
+        assert used and all(layout.verified >= 8 for layout in used)  # the shortcut served the rest
+
+
+def test_batch_tokenization_equals_the_tokenizer(tokenizer) -> None:
+    local = copy.deepcopy(tokenizer)
+    apply_chat_template_choice(local, None)
+    messages = [tuple(m) for m in random_conversations(20, seed=3)]
+    examples = [Example(f"x:{i}", messages=m) for i, m in enumerate(messages)]
+    out = Tokenize(local, train_on="assistant", max_length=10_000)(examples_to_columns(examples))
+    for ids, conversation in zip(out["input_ids"], messages, strict=True):
+        assert ids == local.apply_chat_template(list(conversation), tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_truncation_modes(tokenizer) -> None:
+    local = copy.deepcopy(tokenizer)
+    apply_chat_template_choice(local, None)
+    long = Example("t:1", messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 40}))
+    short = Example("t:2", messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}))
+    kept = tokenize_examples([long, short], local, max_length=16, train_on="assistant", truncation="truncate")
+    assert kept.sources == ["t:1", "t:2"] and kept.truncated == 1 and len(kept.input_ids[0]) == 16
+    dropped = tokenize_examples([long, short], local, max_length=16, train_on="assistant", truncation="drop")
+    assert dropped.sources == ["t:2"] and dropped.dropped == ["t:1"]
+    with pytest.raises(DataError, match=r"t:1: \d+ tokens, over data.max_length=16"):
+        tokenize_examples([long, short], local, max_length=16, train_on="assistant", truncation="error")
