@@ -52,7 +52,7 @@ from job.optim import CHUNK, DEFAULT_OPTIMIZER, KNOWN_STATE_MODELS, OUR_OPTIMIZE
 
 GiB = 1 << 30
 MiB = 1 << 20
-DEFAULT_GPU = "NVIDIA RTX PRO 6000 Blackwell (assumed)"
+DEFAULT_GPU = "NVIDIA RTX PRO 6000 Blackwell"
 DEFAULT_GPU_MEMORY = 97_887 * MiB  # what nvidia-smi reports for the 96 GB card
 DEFAULT_UTILISATION = 0.40
 FIXED_OVERHEAD = 1 * GiB
@@ -278,6 +278,9 @@ def make_plan(
     }
 
 
+_SOURCES = {"given": "given", "detected": "detected", "default": "assumed: no GPU here"}
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
@@ -290,7 +293,7 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"model      {plan['model']['architecture']}: {plan['parameters']:,} parameters, {plan['dtype']}",
         f"training   optimizer {plan['optimizer']}, batch {plan['per_device_batch_size']} x {plan['seq_length']}"
         f" tokens per device, activation checkpointing {ckpt}",
-        f"gpu        {plan['gpu']['name']} ({plan['gpu']['source']}): {gpu:.2f} GiB",
+        f"gpu        {plan['gpu']['name']} ({_SOURCES[plan['gpu']['source']]}): {gpu:.2f} GiB",
         "",
         f"  {'component':<18}{'GiB':>8}",
     ]
