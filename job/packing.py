@@ -15,6 +15,7 @@ The rows are built with Arrow (no per-token Python).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ class _RoomIndex:
         self.bins: dict[int, list[int]] = {}
 
     def add(self, room: int, sequence: int) -> None:
-        self.bins.setdefault(room, []).append(sequence)
+        heapq.heappush(self.bins.setdefault(room, []), sequence)
         node = room + self.size
         while node:
             self.count[node] += 1
@@ -48,7 +49,7 @@ class _RoomIndex:
             while node < self.size:  # then descend to its leftmost non-empty leaf
                 node = 2 * node if self.count[2 * node] else 2 * node + 1
         room = node - self.size
-        sequence = self.bins[room].pop()
+        sequence = heapq.heappop(self.bins[room])  # ties: the earliest opened sequence
         while node:
             self.count[node] -= 1
             node >>= 1
