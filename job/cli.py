@@ -60,12 +60,13 @@ def cli() -> None:
 
 @cli.command(epilog=ENVIRONMENT_HELP)
 @config_options
+@click.option("--force", is_flag=True, help="Train even when the memory planner says it will not fit the GPU.")
 @click.option(
     "--allow-config-change",
     is_flag=True,
     help="Resume even though model, data or hyper-parameters differ from the run's first start (recorded).",
 )
-def train(config_path: str | None, overrides: tuple[str, ...], allow_config_change: bool) -> int:
+def train(config_path: str | None, overrides: tuple[str, ...], allow_config_change: bool, force: bool) -> int:
     """Train and publish the final model to <run.output>/<run.name>/final/.
 
     Resumes from the newest committed checkpoint when there is one. A run whose final
@@ -76,7 +77,7 @@ def train(config_path: str | None, overrides: tuple[str, ...], allow_config_chan
     def action(config: JobConfig) -> int:
         from job.run import train as run_train
 
-        run_train(config, allow_config_change=allow_config_change)
+        run_train(config, allow_config_change=allow_config_change, force=force)
         return 0
 
     return _execute(config_path, overrides, action)
@@ -96,6 +97,35 @@ def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool)
             click.echo(json.dumps(report, indent=2, sort_keys=True))
         else:
             click.echo("\n".join(f"{key}: {value}" for key, value in report.items()))
+        return 0
+
+    return _execute(config_path, overrides, action)
+
+
+@cli.command(epilog=ENVIRONMENT_HELP)
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
+@click.option(
+    "--gpu-memory-gib", type=float, help="GPU memory to plan for (default: detected, else 95.59 = 96 GB card)."
+)
+@click.option("--with-data", is_flag=True, help="Also tokenize the data for a time estimate (as validate does).")
+def plan(
+    config_path: str | None, overrides: tuple[str, ...], as_json: bool, gpu_memory_gib: float | None, with_data: bool
+) -> int:
+    """Memory and time estimate for the GPU, from the model's config.json alone (no weights loaded)."""
+
+    def action(config: JobConfig) -> int:
+        from job.plan import render_plan
+        from job.planning import plan_job
+
+        tokens = None
+        if with_data:
+            from job.prepare import prepare
+
+            tokens = prepare(config).train.tokens
+        memory = int(gpu_memory_gib * 2**30) if gpu_memory_gib else None
+        result = plan_job(config, gpu_memory_bytes=memory, dataset_tokens=tokens)
+        click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_plan(result))
         return 0
 
     return _execute(config_path, overrides, action)

@@ -74,6 +74,10 @@ class ModelConfig:
     """Run model code shipped with the checkpoint. Off: it executes arbitrary Python."""
     attn_implementation: str | None = None
     """Attention kernel (`sdpa`, `eager`, `flash_attention_2`); empty lets transformers choose."""
+    tf32: bool | None = None
+    """TF32 for fp32 matmuls on Ampere or newer GPUs; empty: on wherever the GPU has it (`job.fastpath`)."""
+    compile: bool = False
+    """`torch.compile` the model (Trainer's `torch_compile`): minutes of compilation first; GPU only."""
 
     def __post_init__(self) -> None:
         _require_nonempty("model.source", self.source)
@@ -154,10 +158,14 @@ class TrainConfig:
     """Log a step line every N optimizer steps."""
     seed: int = 42
     """Seed for weights init, data order and dropout; same seed, same run."""
-    optim: str = "adamw_torch_fused"
-    """Optimizer: any transformers optimizer name."""
+    optim: str = "adamw_kahan"
+    """Optimizer: `adamw_kahan` (bf16 weights, Kahan-compensated), `adamw_8bit_sr`, `adamw_fp32_master`, or any
+    transformers name (the seed recipe's `adamw_torch_fused` loses small bf16 updates: docs/fidelity.md)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Further `trl.SFTConfig` fields, passed through as given (internal: write them directly under `train:`)."""
+    activation_checkpointing_layers: str = "auto"
+    """Layers that recompute when `activation_checkpointing` is on: `auto` (the planner recomputes as few as fit
+    the GPU, none when all fit), `all`, or `every_N` (every N-th layer)."""
 
     def __post_init__(self) -> None:
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:

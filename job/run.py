@@ -40,6 +40,7 @@ from job.logs import Heartbeat, get_logger
 from job.masking import TokenizedSet
 from job.metrics import MetricsLog, read_step_metrics
 from job.model import ModelSource, load_model
+from job.planning import plan_job, refuse_if_it_cannot_fit
 from job.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
 from job.prepare import prepare, scratch_dir
 from job.status import record_failure
@@ -56,7 +57,7 @@ def run_store(config: JobConfig) -> Store:
     return open_store(config.run.output, config.storage).child(config.run.name)
 
 
-def train(config: JobConfig, *, allow_config_change: bool = False) -> dict[str, Any]:
+def train(config: JobConfig, *, allow_config_change: bool = False, force: bool = False) -> dict[str, Any]:
     """The whole run; returns the final metrics (or `already_complete`)."""
     store = run_store(config)
     if store.is_committed(FINAL_PREFIX):
@@ -70,7 +71,7 @@ def train(config: JobConfig, *, allow_config_change: bool = False) -> dict[str, 
             return {"already_complete": True}
         _check_config_drift(store, config, allow_config_change)
         store.write_bytes(f"{STARTS_PREFIX}/{time.time():.3f}.json", json.dumps({"holder": lease.holder}).encode())
-        return _train_holding_lease(config, store, lease)
+        return _train_holding_lease(config, store, lease, force)
     except JobError as exc:
         if not exc.retryable:
             record_failure(store, exc.exit_code, exc.message)
@@ -79,7 +80,7 @@ def train(config: JobConfig, *, allow_config_change: bool = False) -> dict[str, 
         lease.release()
 
 
-def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[str, Any]:
+def _train_holding_lease(config: JobConfig, store: Store, lease: Lease, force: bool) -> dict[str, Any]:
     timings: dict[str, Any] = {}
     with Heartbeat("prepare") as beat:  # pulls data and model, tokenizes
         prepared = prepare(config)
@@ -96,6 +97,8 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[
     if weights_bytes:
         check_scratch_space(scratch_dir(config), _checkpoint_bytes(weights_bytes, config), 0)
     resume = prepare_resume(store, work / "resume")
+    plan = plan_job(config, model_config=prepared.source.location, dataset_tokens=prepared.train.tokens)
+    refuse_if_it_cannot_fit(plan, force)
 
     device = detect_device()
     with Heartbeat("load_model") as beat:
@@ -134,6 +137,7 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease) -> dict[
             )
         ],
         sink=metrics_log.add,
+        flops_budget=_flops_budget(plan, device),
     )
     if resume:
         log.info("resuming", step=resume[0], checkpoint=str(resume[1]))
@@ -225,6 +229,16 @@ def _stage(
         metrics={**metrics, **facts, "timings": timings},
         figure=plot_curves(steps, evals),
     )
+
+
+def _flops_budget(plan: dict[str, Any], device: str) -> Any:
+    from job.train import FlopsBudget
+
+    peak = plan["gpu"]["peak_bf16_flops"]
+    if device != "cuda" or not peak or plan["gpu"]["source"] != "detected":
+        return None  # MFU against a CPU, or a GPU of unknown peak, would be a made-up figure
+    per_token = plan["flops_per_token"]
+    return FlopsBudget(per_token["model"], per_token["hardware"], peak)
 
 
 def _hardware() -> str:

@@ -34,6 +34,21 @@ from job.preemption import PreemptionHandler
 log = get_logger(__name__)
 
 
+def _is_ours(name: str) -> bool:
+    from job.optim import is_ours
+
+    return is_ours(name)
+
+
+@dataclass(frozen=True)
+class FlopsBudget:
+    """What MFU needs: FLOPs per trained token (model: 6N-based; hardware: with recomputation) and the peak."""
+
+    model_flops_per_token: float
+    hardware_flops_per_token: float
+    peak_flops: float
+
+
 def detect_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -57,7 +72,7 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
         "logging_steps": train.logging_steps,
         "seed": train.seed,
         "data_seed": train.seed,
-        "optim": train.optim,
+        "optim": "adamw_torch" if _is_ours(train.optim) else train.optim,  # ours is handed over separately
         # bf16 autocast follows the weights: on CPU it would silently change float32 results.
         "bf16": on_gpu and config.model.dtype == "bfloat16",
         "fp16": on_gpu and config.model.dtype == "float16",
@@ -105,6 +120,9 @@ class StepRecord:
     tokens_per_second: float | None = None
     mfu: float | None = None
     """Model FLOPs utilisation on a GPU with a known peak (None on CPU)."""
+    hfu: float | None = None
+    """Hardware FLOP utilisation: counts the recomputed forward of activation checkpointing."""
+    peak_memory_gib: float | None = None
 
 
 class JobTrainer(SFTTrainer):
@@ -147,6 +165,8 @@ class StepMetrics(TrainerCallback):
     trainer: JobTrainer | None = None
     sink: Callable[[StepRecord], None] | None = None
     """Receives every step record (the run's metrics log)."""
+    flops: FlopsBudget | None = None
+    """Set on a GPU with a known peak: MFU and hardware FLOP utilisation per step."""
     steps: list[StepRecord] = field(default_factory=list)
     evals: list[tuple[int, float]] = field(default_factory=list)
     """(step, eval loss) of evaluations during training (train.eval_strategy)."""
@@ -156,6 +176,7 @@ class StepMetrics(TrainerCallback):
     _window_started: float = field(default_factory=time.monotonic)
     _last_step_time: float = field(default_factory=time.monotonic)
     _learning_rate: float | None = None
+    _memory_warned: bool = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = self._window_started = self._last_step_time = time.monotonic()
@@ -180,6 +201,13 @@ class StepMetrics(TrainerCallback):
             learning_rate=self._learning_rate,
         )
         record.tokens_per_second = round(record.tokens / record.seconds, 2) if record.seconds > 0 else None
+        if torch.cuda.is_available():
+            record.peak_memory_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if self.flops and record.tokens_per_second:
+            record.mfu = round(record.tokens_per_second * self.flops.model_flops_per_token / self.flops.peak_flops, 4)
+            record.hfu = round(
+                record.tokens_per_second * self.flops.hardware_flops_per_token / self.flops.peak_flops, 4
+            )
         self.trainer.pending_loss, self.trainer.pending_tokens = 0.0, 0
         self._last_step_time = now
         self._window_tokens += record.tokens
@@ -196,6 +224,11 @@ class StepMetrics(TrainerCallback):
                     f"{name} is {value} at step {record.step}; the newest committed checkpoint precedes it",
                     hint="lower train.learning_rate, raise warm-up, or check the data around this step",
                 )
+        if record.peak_memory_gib is not None and not self._memory_warned:
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            if record.peak_memory_gib > 0.95 * total:
+                self._memory_warned = True
+                log.warning("gpu_memory_near_full", peak_gib=record.peak_memory_gib, card_gib=round(total, 2))
         speeds = [r.tokens_per_second for r in self.steps[-50:-1] if r.tokens_per_second]
         if len(speeds) >= 10 and record.tokens_per_second is not None:
             median = statistics.median(speeds)
@@ -229,6 +262,9 @@ class StepMetrics(TrainerCallback):
             learning_rate=last.learning_rate,
             grad_norm=last.grad_norm,
             tokens_per_second=round(self._window_tokens / window, 1),
+            mfu=last.mfu,
+            hfu=last.hfu,
+            peak_memory_gib=last.peak_memory_gib,
             elapsed_seconds=round(elapsed, 1),
             eta_seconds=round(elapsed / done * remaining, 1) if done else None,
         )
@@ -315,15 +351,31 @@ def build_trainer(
     device: str,
     extra_callbacks: list[TrainerCallback] = (),  # type: ignore[assignment]
     sink: Callable[[StepRecord], None] | None = None,
+    flops_budget: FlopsBudget | None = None,
 ) -> tuple[JobTrainer, StepMetrics]:
+    from job.optim import is_ours, trainer_optimizer
+
     args = build_sft_config(config, output_dir, device, has_eval=eval_dataset is not None)
-    metrics = StepMetrics(sink=sink)
+    metrics = StepMetrics(sink=sink, flops=flops_budget)
+    optimizer = None
+    if is_ours(config.train.optim):
+        # SFTConfig.optim only takes transformers' enum; Trainer builds ours after placing the model, with its
+        # usual weight-decay groups and scheduler, and restores its state (weights_only) on resume.
+        optimizer = trainer_optimizer(
+            config.train.optim,
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            seed=config.train.seed,
+        )
     trainer = JobTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        optimizer_cls_and_kwargs=optimizer,
         # StepMetrics first: a non-finite loss stops the step before any checkpoint is saved.
         callbacks=[metrics, *extra_callbacks],
     )
