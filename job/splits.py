@@ -141,7 +141,7 @@ def tokenize_split(examples: list[Example], tokenizer: Any, data: DataConfig, na
         "tokenized",
         split=name,
         examples=len(examples),
-        tokens=int(full.sum()),
+        tokenized_tokens=int(full.sum()),
         processes=processes,
         seconds=round(seconds, 2),
         tokens_per_second=round(int(full.sum()) / seconds) if seconds > 0 else None,

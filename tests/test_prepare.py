@@ -1,0 +1,127 @@
+"""prepare/validate: statistics a user sizes a run with, truncation policies, splits, worker processes."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+from test_tokenize_cache import chat_records, events, job_config, rows
+
+from conftest import write_jsonl
+from job.data import load_dataset
+from job.errors import DataError
+from job.masking import tokenize_examples
+from job.prepare import prepare, validate
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+def long_and_short(count: int) -> list[dict]:
+    """Answers of growing length, so percentiles and truncation have something to bite on."""
+    return [
+        {"messages": [{"role": "user", "content": f"Say {i} words."}, {"role": "assistant", "content": "word " * i}]}
+        for i in range(1, count + 1)
+    ]
+
+
+def test_validate_reports_per_file_counts_percentiles_and_steps(tmp_path, tiny_model_dir) -> None:
+    shards = tmp_path / "shards"
+    write_jsonl(shards / "a.jsonl", long_and_short(30))
+    write_jsonl(shards / "b.jsonl", chat_records(10))
+    config = job_config(
+        tmp_path, tiny_model_dir, shards, "data.max_length=40", "train.per_device_train_batch_size=4",
+        "train.gradient_accumulation_steps=2",
+    )  # fmt: skip
+    report = validate(config)
+    assert report["records_per_file"] == {"a.jsonl": 30, "b.jsonl": 10} and report["records"] == 40
+    prepared = prepare(config)
+    lengths = np.array([len(ids) for ids in prepared.train.input_ids])
+    for q in (50, 90, 99):
+        assert report[f"length_p{q}"] == int(np.percentile(lengths, q, method="inverted_cdf"))
+    full = [len(ids) for ids in tokenize_examples(load_dataset(shards).examples, prepared.tokenizer,
+            max_length=10_000, train_on="assistant").input_ids]  # fmt: skip
+    assert report["truncated"] == sum(n > 40 for n in full) > 0
+    assert report["length_max"] == lengths.max() == 40  # the longest answers were truncated to max_length
+    assert report["tokens"] == lengths.sum() and 0 < report["trainable_tokens"] < report["tokens"]
+    assert report["optimizer_steps_per_epoch"] == math.ceil(math.ceil(40 / 4) / 2) == 5
+    assert report["tokenize_cache_hit"] is False and prepared.cache_hit  # prepare reused what validate made
+    packed = validate(job_config(tmp_path, tiny_model_dir, shards, "data.max_length=40", "data.packing=true"))
+    assert packed["sequences"] < 40 and packed["packing_efficiency"] > 0.5
+    per_step = packed["sequences_per_optimizer_step"]
+    assert packed["optimizer_steps_per_epoch"] == max(math.ceil(packed["sequences"] / per_step), 1)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.iterdir() if p.suffix != ".py"))
+def test_every_fixture_format_prepares(tmp_path, tiny_model_dir, name: str) -> None:
+    with capture_logs() as logs:
+        prepared = prepare(job_config(tmp_path, tiny_model_dir, FIXTURES / name))
+    assert prepared.train.stats["examples"] >= 1 and prepared.train.stats["trainable_tokens"] > 0
+    masked = events(logs, "example_masked")[0]["text"]
+    assert "«" in masked and masked.endswith("</s>»")
+    chat = prepared.format in ("messages", "sharegpt", "alpaca") or name.startswith("prompt_completion_chat")
+    assert (prepared.template_origin == "default-mistral-v3") == chat
+
+
+def test_truncation_error_and_drop(tmp_path, tiny_model_dir) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", long_and_short(80))
+    with pytest.raises(DataError, match=r"longer than data.max_length=64") as info:
+        prepare(job_config(tmp_path, tiny_model_dir, train, "data.truncation=error"))
+    assert info.value.exit_code == 65 and re.search(rf"{re.escape(str(train))}:\d+: \d+ tokens", str(info.value))
+    dropped = prepare(job_config(tmp_path, tiny_model_dir, train, "data.truncation=drop")).train.stats
+    truncated = prepare(job_config(tmp_path, tiny_model_dir, train, "data.truncation=truncate")).train.stats
+    assert dropped["dropped"] == truncated["truncated"] > 0 and dropped["truncated"] == truncated["truncated"]
+    assert dropped["examples"] + dropped["dropped"] == truncated["examples"] == 80
+    assert dropped["lengths"]["max"] <= 64 and f"{train}:80" in dropped["dropped_sources"]
+
+
+def test_prompt_alone_filling_max_length_is_dropped_not_trained(tmp_path, tiny_model_dir) -> None:
+    records = [
+        {"messages": [{"role": "user", "content": "long " * 100}, {"role": "assistant", "content": "ok"}]},
+        *chat_records(3),
+    ]
+    with capture_logs() as logs:
+        stats = prepare(job_config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "t.jsonl", records))).train.stats
+    assert stats["dropped"] == 1 and stats["examples"] == 3 and stats["dropped_sources"][0].endswith("t.jsonl:1")
+    assert events(logs, "examples_truncated")[0]["dropped"] == 1
+
+
+def test_eval_fraction_is_seeded_and_eval_files_are_separate(tmp_path, tiny_model_dir) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", chat_records(20))
+    split = prepare(job_config(tmp_path, tiny_model_dir, train, "data.eval_fraction=0.25"))
+    assert split.eval.stats["examples"] == 5 and split.train.stats["examples"] == 15
+    reseeded = prepare(job_config(tmp_path, tiny_model_dir, train, "data.eval_fraction=0.25", "train.seed=7"))
+    assert rows(reseeded.eval) != rows(split.eval) and split.dataset.records == 20
+    held = write_jsonl(tmp_path / "eval.jsonl", chat_records(4, offset=100))
+    separate = prepare(job_config(tmp_path, tiny_model_dir, train, f"data.eval={held}"))
+    assert separate.eval.stats["examples"] == 4 and separate.train.stats["examples"] == 20
+
+
+def test_worker_processes_give_the_same_dataset(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    monkeypatch.setattr("job.splits.EXAMPLES_PER_PROCESS", 10)  # 2 workers for 60 examples
+    train = write_jsonl(tmp_path / "train.jsonl", [*chat_records(30), *long_and_short(30)])
+    one = prepare(job_config(tmp_path, tiny_model_dir, train, "data.cache=false"))
+    with capture_logs() as logs:
+        two = prepare(job_config(tmp_path, tiny_model_dir, train, "data.cache=false", "data.num_proc=2"))
+    assert events(logs, "tokenized")[0]["processes"] == 2
+    assert rows(two.train) == rows(one.train) and two.train.stats == one.train.stats
+
+
+def test_a_packed_split_only_reaches_the_trainer_whole(tmp_path, tiny_model_dir) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", chat_records(10))
+    prepared = prepare(job_config(tmp_path, tiny_model_dir, train, "data.packing=true"))
+    assert set(prepared.train.dataset.column_names) == {"input_ids", "labels", "seq_lengths"}
+    with pytest.raises(TypeError, match="seq_lengths"):
+        _ = prepared.train.input_ids
+
+
+def test_bad_data_fails_before_the_model_is_resolved(tmp_path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", [*chat_records(2), {"messages": [{"role": "user", "content": "?"}]}])
+    config = job_config(tmp_path, tmp_path / "no-such-model", train)  # would be exit 66 if it were reached
+    with pytest.raises(DataError, match=r"train\.jsonl:3: conversation has no assistant turn"):
+        prepare(config)
+    shutil.rmtree(tmp_path / "scratch", ignore_errors=True)
