@@ -45,6 +45,15 @@ class DataSplit:
         return len(self.dataset)
 
     @property
+    def tokens(self) -> int:
+        """Tokens the split trains on (after truncation), padding excluded."""
+        return int(self.stats["tokens"])
+
+    @property
+    def trainable_tokens(self) -> int:
+        return int(self.stats["trainable_tokens"])
+
+    @property
     def input_ids(self) -> list[list[int]]:
         return self._column("input_ids")
 
