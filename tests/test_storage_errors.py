@@ -72,6 +72,9 @@ def test_missing_bucket_key_and_empty_prefix_exit_66(s3_bucket, s3_settings, tmp
         assert uri.rstrip("/") in str(caught.value) and words in str(caught.value)
     with pytest.raises(InputNotFound, match="no-such-bucket-x1"):
         open_store("s3://no-such-bucket-x1/runs", s3_settings).read_bytes("config.resolved.yaml")
+    with pytest.raises(InputNotFound, match="bucket does not exist"):  # the job's first question, before training
+        open_store("s3://no-such-bucket-x1/runs", s3_settings).is_committed("final")
+    assert open_store(f"{s3_bucket.uri}/runs", s3_settings).is_committed("final") is False
     write_tree(tmp_path / "ck", big=10)
     with pytest.raises(InputNotFound, match="bucket does not exist"):  # pushing to a missing bucket
         open_store("s3://no-such-bucket-x1/runs", s3_settings).push_directory(tmp_path / "ck", "final")

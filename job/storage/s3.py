@@ -97,40 +97,46 @@ class S3Store(Store):
         return sorted(found, key=lambda info: info.key)
 
     def stat(self, key: str) -> ObjectInfo | None:
-        try:
-            with translate_errors(self.uri_of(key), self.connection):
-                try:
-                    head = self.client.head_object(Bucket=self.bucket, Key=self.full_key(key))
-                except ClientError as error:
-                    code, status = error_code(error)
-                    if status == 404 and code != "NoSuchBucket":
-                        return None
-                    if status not in (400, 403):
-                        raise
-                    head = self._explain_head_error(key)
-        except InputNotFound:
-            if not self._bucket_exists():
-                raise
-            return None
+        with translate_errors(self.uri_of(key), self.connection):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self.full_key(key))
+            except ClientError as error:
+                status = error_code(error)[1]
+                if status not in (400, 403, 404):
+                    raise
+                head = self._head_by_get(key) if status != 404 else None
+            if head is None:
+                self._check_bucket(self.uri_of(key))  # a HEAD 404 does not say whether the key or the bucket is missing
+                return None
         return ObjectInfo(key, int(head["ContentLength"]), str(head.get("ETag", "")).strip('"') or None)
 
-    def _explain_head_error(self, key: str) -> dict[str, Any]:
-        """A HEAD error has no body, so no code: repeat it as a one-byte GET, whose error says
-        InvalidAccessKeyId, SignatureDoesNotMatch or AccessDenied (or which succeeds, oddly)."""
-        response = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key), Range="bytes=0-0")
+    def _head_by_get(self, key: str) -> dict[str, Any] | None:
+        """A HEAD error has no body, hence no code: repeat it as a one-byte GET, whose error says
+        InvalidAccessKeyId, SignatureDoesNotMatch or AccessDenied (None if that GET finds no key)."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.full_key(key), Range="bytes=0-0")
+        except ClientError as error:
+            if error_code(error)[0] == "NoSuchKey":
+                return None
+            raise
         response["Body"].close()
         size = int(str(response.get("ContentRange", "/0")).rsplit("/", 1)[-1])
         return {"ContentLength": size, "ETag": response.get("ETag")}
 
-    def _bucket_exists(self) -> bool:
-        with translate_errors(f"s3://{self.bucket}", self.connection):
-            try:
-                self.client.head_bucket(Bucket=self.bucket)
-            except ClientError as error:
-                if error_code(error)[1] == 404:
-                    raise InputNotFound(f"s3://{self.bucket}: the bucket does not exist") from None
+    def _check_bucket(self, uri: str) -> None:
+        """InputNotFound if the bucket is missing, asked once per bucket and connection.
+
+        Only a 404 counts: a 403 on HeadBucket is normal for keys scoped to a prefix."""
+        if self.bucket in self.connection.buckets_seen:
+            return
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as error:
+            if error_code(error)[1] == 404:
+                raise InputNotFound(f"{uri}: the bucket does not exist") from None
+            if error_code(error)[1] not in (400, 403):
                 raise
-        return True
+        self.connection.buckets_seen.add(self.bucket)
 
     def read_bytes(self, key: str) -> bytes:
         return self.read_bytes_with_etag(key)[0]

@@ -16,7 +16,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
@@ -136,6 +136,8 @@ class Connection:
     endpoint: str | None
     region: str
     settings: StorageConfig
+    buckets_seen: set[str] = field(default_factory=set)
+    """Buckets known to exist (checked once, after the first HEAD 404 in them)."""
 
 
 _cache: dict[tuple, Connection] = {}
