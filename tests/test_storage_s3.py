@@ -266,3 +266,41 @@ def test_push_hashes_each_file_while_uploading_it(s3_bucket, s3_settings, tmp_pa
     manifest = S3Store(s3_bucket.uri, s3_settings).push_directory(source, "p")
     assert {e.name: e.sha256 for e in manifest.files} == {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
     assert not [name for name in rehashed if name.endswith(".safetensors")], rehashed
+
+
+def test_repull_after_a_file_became_a_directory(s3_bucket, s3_settings, tmp_path):
+    s3_bucket.put("m/a", b"file")
+    pull_uri(f"{s3_bucket.uri}/m/", tmp_path, s3_settings)
+    s3_bucket.client.delete_object(Bucket=s3_bucket.name, Key="m/a")
+    s3_bucket.put("m/a/b", b"nested")
+    out = pull_uri(f"{s3_bucket.uri}/m/", tmp_path, s3_settings)
+    assert (out / "a" / "b").read_bytes() == b"nested"
+    s3_bucket.client.delete_object(Bucket=s3_bucket.name, Key="m/a/b")
+    s3_bucket.put("m/a", b"file again")  # and back: the emptied directory goes too
+    assert (pull_uri(f"{s3_bucket.uri}/m/", tmp_path, s3_settings) / "a").read_bytes() == b"file again"
+
+
+def test_interrupted_pull_keeps_what_arrived(s3_bucket, s3_settings, tmp_path):
+    """A pull that fails part-way (pod killed, store down) resumes with only the missing files."""
+    for name in ("a", "b", "c"):
+        s3_bucket.put(f"m/{name}.bin", name.encode() * 1000)
+    store = S3Store(s3_bucket.uri, s3_settings)  # shares its cached client with pull_uri
+    events = store.client.meta.events
+    fail_c = _fail_for("m/c.bin")
+    events.register("before-parameter-build.s3.GetObject", fail_c)
+    with pytest.raises(InputNotFound, match=r"/m/c\.bin"):  # the error names the object
+        pull_uri(f"{s3_bucket.uri}/m/", tmp_path, s3_settings)
+    events.unregister("before-parameter-build.s3.GetObject", fail_c)
+    gets = []
+    events.register("before-parameter-build.s3.GetObject", lambda params, **kw: gets.append(params["Key"]))
+    out = pull_uri(f"{s3_bucket.uri}/m/", tmp_path, s3_settings)
+    assert gets == ["m/c.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin", "c.bin"]
+
+
+def _fail_for(key):
+    def hook(params, **kwargs):
+        if params["Key"] == key:
+            params["Key"] = key + ".vanished"  # a real 404 from the server, as if deleted meanwhile
+
+    return hook

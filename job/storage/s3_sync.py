@@ -9,10 +9,12 @@ restarted container with the same scratch volume does not download unchanged fil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 PULL_RECORD = ".sft-pull.json"
+_RECORD_SAVE_SECONDS = 2.0
 _BLOCK = 8 * 1024 * 1024
 _SSE_WITHOUT_MD5_ETAG = {"aws:kms", "aws:kms:dsse"}
 
@@ -185,8 +188,9 @@ def push_directory(store: S3Store, source: Path, prefix: str, meta: dict | None)
                     )
                     for reader, name in zip(readers, names, strict=True)
                 ]
-                for upload in uploads:
-                    upload.result()
+                for name, upload in zip(names, uploads, strict=True):
+                    with translate_errors(store.uri_of(join_key(prefix, name)), store.connection):  # name the object
+                        upload.result()
             digests = [reader.result() for reader in readers]
     finally:
         for reader in readers:
@@ -233,6 +237,7 @@ class PullRecord:
     def __init__(self, path: Path, source: str) -> None:
         self.path, self.source = path, source
         self._lock = threading.Lock()
+        self._saved = time.monotonic()
         self.files: dict[str, dict[str, Any]] = {}
         try:
             body = json.loads(path.read_text())
@@ -258,14 +263,26 @@ class PullRecord:
     def remember(self, relative: str, target: Path, info: ObjectInfo) -> None:
         with self._lock:
             self.files[relative] = {"size": info.size, "etag": info.etag, "mtime_ns": target.stat().st_mtime_ns}
-            self._save()
+            if time.monotonic() - self._saved >= _RECORD_SAVE_SECONDS:  # not once per file: O(files²)
+                self._save()
 
     def forget_others(self, keep: set[str], destination: Path) -> None:
-        """Delete files an earlier pull wrote that the source no longer has (a stale shard would be read)."""
+        """Delete files an earlier pull wrote that the source no longer has (a stale shard would be read),
+        and the directories they leave empty (a new object may need that name)."""
         with self._lock:
             for relative in sorted(set(self.files) - keep):
-                (destination / safe_relative_path(relative)).unlink(missing_ok=True)
+                path = destination / safe_relative_path(relative)
+                path.unlink(missing_ok=True)
                 del self.files[relative]
+                for parent in path.parents:
+                    if parent == destination or not parent.is_relative_to(destination):
+                        break
+                    with contextlib.suppress(OSError):  # not empty: keep it and everything above
+                        parent.rmdir()
+            self._save()
+
+    def save(self) -> None:
+        with self._lock:
             self._save()
 
     def _save(self) -> None:
@@ -273,6 +290,7 @@ class PullRecord:
         temporary = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}")
         temporary.write_text(json.dumps({"version": 1, "source": self.source, "files": self.files}, indent=1))
         os.replace(temporary, self.path)
+        self._saved = time.monotonic()
 
 
 def pull_objects(
@@ -289,6 +307,7 @@ def pull_objects(
     uri = uri or store.uri_of(prefix)
     plan = plan_pull(objects, prefix)  # every key checked before anything is written
     record = PullRecord(record_path or destination / PULL_RECORD, uri)
+    record.forget_others({rel.as_posix() for _, rel in plan}, destination)
     todo = [(info, rel) for info, rel in plan if not record.unchanged(rel.as_posix(), destination / rel, info)]
     total = sum(info.size for info, _ in todo)
     with Progress("pull", uri, total, store.settings.progress_interval_seconds, files=len(plan)) as progress:
@@ -296,22 +315,25 @@ def pull_objects(
         for info, _ in plan:
             if id(info) not in pending:
                 progress.skip(info.size)
-        with translate_errors(uri, store.connection), store.transfer_manager() as manager:
-            downloads = []
-            for info, relative in todo:
-                target = destination / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                done = _remember(record, relative.as_posix(), target, info)
-                subscriber = _Subscriber(progress, info.size, info.etag, done)
-                key = store.full_key(info.key)
-                downloads.append(manager.download(store.bucket, key, str(target), None, [subscriber]))
-            for download in downloads:
-                download.result()
+        try:
+            with translate_errors(uri, store.connection), store.transfer_manager() as manager:
+                downloads = []
+                for info, relative in todo:
+                    target = destination / relative
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    done = _remember(record, relative.as_posix(), target, info)
+                    subscriber = _Subscriber(progress, info.size, info.etag, done)
+                    key = store.full_key(info.key)
+                    downloads.append(manager.download(store.bucket, key, str(target), None, [subscriber]))
+                for (info, _), download in zip(todo, downloads, strict=True):
+                    with translate_errors(store.uri_of(info.key), store.connection):  # name the object
+                        download.result()
+        finally:
+            record.save()  # what did arrive is not downloaded again
         for info, relative in todo:
             got = (destination / relative).stat().st_size
             if got != info.size:
                 raise JobError(f"download of {store.uri_of(info.key)} is {got} bytes, expected {info.size}")
-        record.forget_others({rel.as_posix() for _, rel in plan}, destination)
     return [destination / rel for _, rel in plan]
 
 
