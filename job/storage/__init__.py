@@ -12,12 +12,13 @@ from pathlib import Path
 
 from job.config import StorageConfig
 from job.errors import InputNotFound
-from job.storage.base import AlreadyCommitted, AlreadyExists, ObjectInfo, Store, join_key
+from job.storage.base import AlreadyCommitted, AlreadyExists, ETagMismatch, ObjectInfo, Store, join_key
 from job.storage.local import LocalStore
 
 __all__ = [
     "AlreadyCommitted",
     "AlreadyExists",
+    "ETagMismatch",
     "LocalStore",
     "ObjectInfo",
     "Store",
