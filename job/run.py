@@ -37,9 +37,8 @@ from job.errors import ConfigError, JobError, Preempted, TrainingFailed
 from job.export import FINAL_PREFIX, publish_final, stage_final
 from job.lease import Lease
 from job.logs import Heartbeat, get_logger
-from job.masking import TokenizedSet
 from job.metrics import MetricsLog, read_step_metrics
-from job.model import ModelSource, load_model
+from job.model import load_model
 from job.planning import plan_job, refuse_if_it_cannot_fit
 from job.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
 from job.prepare import prepare, scratch_dir
@@ -83,22 +82,24 @@ def train(config: JobConfig, *, allow_config_change: bool = False, force: bool =
 def _train_holding_lease(config: JobConfig, store: Store, lease: Lease, force: bool) -> dict[str, Any]:
     timings: dict[str, Any] = {}
     with Heartbeat("prepare") as beat:  # pulls data and model, tokenizes
-        prepared = prepare(config)
+        prepared = prepare(config, store=store)
     timings["prepare_seconds"] = beat.stop()
-
-    from datasets import Dataset as HFDataset
 
     from job.train import CheckpointCallback, build_trainer, detect_device
 
     work = scratch_dir(config) / "runs" / config.run.name
     trainer_dir = work / "trainer"
     clean_leftovers(store, trainer_dir)
-    weights_bytes = _weights_bytes(prepared.source)
-    if weights_bytes:
-        check_scratch_space(scratch_dir(config), _checkpoint_bytes(weights_bytes, config), 0)
-    resume = prepare_resume(store, work / "resume")
     plan = plan_job(config, model_config=prepared.source.location, dataset_tokens=prepared.train.tokens)
     refuse_if_it_cannot_fit(plan, force)
+    memory = plan["memory_bytes"]
+    # A checkpoint holds the weights and the optimizer states; a Hub model still has to be downloaded.
+    check_scratch_space(
+        scratch_dir(config),
+        checkpoint_bytes=memory["weights"] + memory["optimizer"],
+        model_bytes_to_pull=memory["weights"] if prepared.source.is_hub else 0,
+    )
+    resume = prepare_resume(store, work / "resume")
 
     device = detect_device()
     with Heartbeat("load_model") as beat:
@@ -116,15 +117,12 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease, force: b
 
     uploader = CheckpointUploader(store, config.checkpoint.keep, on_committed=on_committed)
 
-    def as_hf(part: TokenizedSet) -> HFDataset:
-        return HFDataset.from_dict({"input_ids": part.input_ids, "labels": part.labels})
-
     trainer, step_metrics = build_trainer(
         config,
         model,
         prepared.tokenizer,
-        as_hf(prepared.train),
-        as_hf(prepared.eval) if prepared.eval else None,
+        prepared.train.dataset,
+        prepared.eval.dataset if prepared.eval else None,
         trainer_dir,
         device,
         extra_callbacks=[
@@ -289,18 +287,6 @@ def _stop_preempted(
     log.warning("preempted", signal=preemption.signal_name, newest_durable_step=newest, uploads_finished=finished)
     where = f"step {newest}" if newest is not None else "none yet (the next start begins from step 0)"
     raise Preempted(f"stopped by {preemption.signal_name}; newest durable checkpoint: {where}")
-
-
-def _weights_bytes(source: ModelSource) -> int:
-    if source.is_hub:
-        return 0  # not downloaded yet; from_pretrained checks its own cache space
-    return sum(p.stat().st_size for p in Path(source.location).glob("*.safetensors"))
-
-
-def _checkpoint_bytes(weights_bytes: int, config: JobConfig) -> int:
-    """Weights plus optimizer states (AdamW: two fp32 moments per parameter, the largest case)."""
-    bytes_per_weight = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
-    return weights_bytes + (weights_bytes // bytes_per_weight) * 8
 
 
 def _check_config_drift(store: Store, config: JobConfig, allow_change: bool) -> None:
