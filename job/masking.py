@@ -279,8 +279,10 @@ class Tokenize:
         chats, plain = [], []
         texts: dict[int, str] = {}
         spans: dict[int, list[tuple[int, int]] | None] = {}
+        conversations = batch.get("messages") or [None] * count
+        completions = batch.get("completion") or [None] * count
         for row in range(count):
-            source, messages = batch["source"][row], (batch.get("messages") or [None] * count)[row]
+            source, messages = batch["source"][row], conversations[row]
             try:
                 if messages is not None:
                     texts[row] = render(messages, source)
@@ -289,7 +291,7 @@ class Tokenize:
                     spans[row] = finder.spans(messages, texts[row], source, turns) if keep else None
                     chats.append(row)
                 else:
-                    completion = (batch.get("completion") or [None] * count)[row]
+                    completion = completions[row]
                     prompt = batch["text"][row]
                     texts[row] = prompt + (completion or "")
                     trained = completion is not None and self.train_on != "all"
