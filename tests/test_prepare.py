@@ -125,3 +125,29 @@ def test_bad_data_fails_before_the_model_is_resolved(tmp_path) -> None:
     with pytest.raises(DataError, match=r"train\.jsonl:3: conversation has no assistant turn"):
         prepare(config)
     shutil.rmtree(tmp_path / "scratch", ignore_errors=True)
+
+
+def test_eval_steps_alone_turns_on_step_evaluation(tmp_path, tiny_model_dir) -> None:
+    from job.train import build_sft_config
+
+    train = write_jsonl(tmp_path / "train.jsonl", chat_records(4))
+    args = build_sft_config(
+        job_config(tmp_path, tiny_model_dir, train, "train.eval_steps=5"), tmp_path, "cpu", has_eval=True
+    )
+    assert args.eval_strategy == "steps" and args.eval_steps == 5
+    plain = build_sft_config(job_config(tmp_path, tiny_model_dir, train), tmp_path, "cpu", has_eval=True)
+    assert plain.eval_strategy == "no" and not plain.packing and not plain.padding_free
+
+
+@pytest.mark.slow
+def test_packed_training_run_stores_its_tokenization_cache(tmp_path, tiny_model_dir) -> None:
+    from conftest import cpu_run_args, run_job
+
+    args = cpu_run_args(tmp_path, tiny_model_dir, "packed", "--set", "data.packing=true", "--set", "train.max_steps=3")
+    result = run_job(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ready = result.events("data_ready")[0]
+    assert ready["packed"] is True and ready["sequences"] < ready["train_examples"]
+    fingerprint = result.events("tokenize_cache_miss")[0]["fingerprint"]
+    assert (tmp_path / "outputs" / "packed" / "cache" / fingerprint / "MANIFEST.json").is_file()
+    assert result.events("tokenize_cache_stored")
