@@ -52,6 +52,12 @@ def tokenizer_digest(tokenizer: Any) -> str:
     digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
+        if backend.truncation is not None or backend.padding is not None:
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())  # call-time state, not the tokenizer: hash without it
+            backend.no_truncation()
+            backend.no_padding()
         digest.update(backend.to_str().encode())
     else:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())

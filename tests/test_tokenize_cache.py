@@ -107,6 +107,7 @@ def test_tokenizer_digest_sees_vocabulary_and_special_tokens(tokenizer) -> None:
     import copy
 
     other = copy.deepcopy(tokenizer)
+    other.backend_tokenizer.enable_truncation(7)  # call-time state transformers sets: not part of the tokenizer
     assert tokenizer_digest(other) == tokenizer_digest(tokenizer)
     other.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
     assert tokenizer_digest(other) != tokenizer_digest(tokenizer)
