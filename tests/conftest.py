@@ -23,6 +23,27 @@ DEMO_TRAIN = REPO / "examples" / "demo" / "train.jsonl"
 DEMO_EVAL = REPO / "examples" / "demo" / "eval.jsonl"
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Tests that call `job.cli.main` in-process configure logging; give the next test its own."""
+    import logging
+
+    from job.logs import THIRD_PARTY_LOGGERS
+
+    names = ["", *THIRD_PARTY_LOGGERS]
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
+             for n in names}  # fmt: skip
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+    for name, (level, handlers, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.handlers = handlers
+        logger.propagate = propagate
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builtin tiny Mistral (real Mistral v3 tokenizer), built once per session."""
