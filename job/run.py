@@ -175,6 +175,7 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease, force: b
     if prepared.eval:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         evals.append((trainer.state.global_step, metrics["eval_loss"]))
+    metrics["eval_loss_per_step"] = [[step, loss] for step, loss in evals]
 
     publishing = Heartbeat("publish").start()
     staging = _stage(config, store, prepared, trainer, work, metrics, timings, steps, evals)
