@@ -146,8 +146,9 @@ def load_model(source: ModelSource, model: ModelConfig, device: str) -> Any:
     kwargs = _hub_kwargs(source, model)
     kwargs["dtype"] = getattr(torch, model.dtype)
     kwargs["use_safetensors"] = True
-    if model.attn_implementation:
-        kwargs["attn_implementation"] = model.attn_implementation
+    from job.fastpath import choose_attention  # installed kernels only, chosen for this GPU (job.fastpath)
+
+    kwargs["attn_implementation"] = choose_attention(model, device, source.location)
     with hub_errors(source):
         loaded = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     loaded.to(device)

@@ -93,6 +93,9 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
         "per_device_eval_batch_size": train.per_device_train_batch_size,
         "dataloader_num_workers": 0,
     }
+    from job.fastpath import choose_fast_path  # TF32, activation checkpointing, compile for this GPU (logged once)
+
+    kwargs.update(choose_fast_path(config, device).sft_kwargs())
     kwargs.update(train.extra)
     if has_eval and "eval_steps" in train.extra and "eval_strategy" not in train.extra:
         kwargs["eval_strategy"] = "steps"  # eval_steps alone means "evaluate every N steps"

@@ -311,3 +311,17 @@ def test_apply_activation_checkpointing_sets_layer_flags() -> None:
     fastpath.apply_activation_checkpointing(model, off)
     assert not any(layer.gradient_checkpointing for layer in layers)
     assert fastpath.recomputed_fraction(off, 4) == 0.0
+
+
+def test_build_sft_config_takes_the_fast_path(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from job.train import build_sft_config
+
+    monkeypatch.setattr(fastpath, "log_once", lambda fast: None)
+    selective = build_sft_config(job_config(activation_checkpointing_layers="every_2"), tmp_path, "cpu", has_eval=False)
+    assert selective.activation_checkpointing is True
+    assert selective.activation_checkpointing_kwargs == {"every_n_layers": 2}
+    assert selective.tf32 is None and selective.torch_compile is False
+    off = build_sft_config(job_config(activation_checkpointing=False), tmp_path, "cpu", has_eval=False)
+    assert off.activation_checkpointing is False and off.activation_checkpointing_kwargs is None
+    with pytest.raises(ConfigError, match="activation_checkpointing_layers"):
+        build_sft_config(job_config(activation_checkpointing_layers="some"), tmp_path, "cpu", has_eval=False)
