@@ -282,7 +282,7 @@ OWNED_ELSEWHERE: dict[str, str] = {
     "model_init_kwargs": "model.dtype / model.attn_implementation / model.trust_remote_code",
     "bf16": "model.dtype (bf16 autocast follows the weight dtype on a GPU)",
     "fp16": "model.dtype",
-    "tf32": "the job (it enables TF32 where the GPU supports it)",
+    "tf32": "model.tf32 (the job enables TF32 where the GPU supports it)",
     "use_cpu": "the job (it runs on the GPU when one is present)",
     "save_strategy": "checkpoint.every_steps / checkpoint.every_minutes",
     "save_steps": "checkpoint.every_steps",

@@ -61,7 +61,6 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
         "output_dir": str(output_dir),
         "per_device_train_batch_size": train.per_device_train_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "activation_checkpointing": train.activation_checkpointing,
         "learning_rate": train.learning_rate,
         "num_train_epochs": train.num_train_epochs,
         "max_steps": train.max_steps,
