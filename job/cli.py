@@ -10,9 +10,10 @@ from typing import Any
 
 import click
 
-from job.config import JobConfig, load_config, reference_rows, to_yaml
+from job.config import JobConfig, load_config, to_yaml
 from job.errors import UNEXPECTED_EXIT_CODE, ConfigError, JobError, Preempted
 from job.logs import bind_run, get_logger, setup_logging
+from job.reference import reference_rows
 
 log = get_logger("job.cli")
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from job.config import SECTION_TYPES, JobConfig, load_config, reference_rows, to_yaml
+from job.config import SECTION_TYPES, JobConfig, load_config, to_yaml
 from job.errors import ConfigError
+from job.reference import reference_rows
 
 BASE = ["data.train=train.jsonl"]
 
