@@ -1,7 +1,8 @@
 """Test-only fault injection: SIGKILL ourselves at a named point of a checkpoint's life.
 
 `SFT_FAULTS=mid_upload@4,mid_retention@8` kills the process at those points for those steps,
-leaving the store exactly as a crash there would; `nan_loss@N` poisons step N's loss.
+leaving the store exactly as a crash there would (`mid_retention@N`: while retiring checkpoint N);
+`nan_loss@N` poisons step N's loss.
 Unset in production: every call is a no-op.
 """
 

@@ -53,12 +53,14 @@ class Lease:
         self.clock = clock
         self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self.etag: str | None = None
+        self.last_heartbeat = 0.0
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _record(self) -> LeaseRecord:
         now = self.clock()
+        self.last_heartbeat = now
         return LeaseRecord(self.holder, now, now + self.ttl)
 
     def acquire(self) -> None:
@@ -126,7 +128,8 @@ class Lease:
             self._thread.join(timeout=5)
         if self.etag is None or self.lost.is_set():
             return
-        expired = LeaseRecord(self.holder, self.clock(), 0.0)
+        # Expired, but the last heartbeat kept: `status` orders a failure record against it.
+        expired = LeaseRecord(self.holder, self.last_heartbeat, 0.0)
         try:
             self.store.write_bytes_if_match(LEASE_KEY, expired.to_bytes(), self.etag)
         except Exception as exc:  # it will expire by itself

@@ -78,7 +78,7 @@ def test_sigkill_at_every_phase_of_a_save_on_s3(reference_run, tiny_model_dir, t
     plan = [
         ("mid_upload@8", None),  # dies with half of checkpoint 8 uploaded: 4 is the newest committed
         ("before_manifest@12", 4),  # every file of 12 uploaded, no manifest: 8 is the newest committed
-        ("mid_retention@16", 8),  # 16 committed, 8's manifest deleted but not its files
+        ("mid_retention@8", 8),  # retiring 8 once 16 commits: its manifest deleted, not its files
         ("after_local_save@20", 16),  # 20 saved locally, never uploaded
     ]
     store = open_store(f"{output}/killed")
