@@ -82,8 +82,10 @@ def test_sigkill_at_every_phase_of_a_save_on_s3(reference_run, tiny_model_dir, t
         ("after_local_save@20", 16),  # 20 saved locally, never uploaded
     ]
     store = open_store(f"{output}/killed")
+    removed = {}  # leftovers each start cleaned: what the previous crash left uncommitted
     for fault, expected_resume in plan:
         job = run_job(*args, env={"SFT_FAULTS": fault})
+        removed[fault] = [e["step"] for e in job.events("uncommitted_checkpoint_removed")]
         assert job.returncode == -signal.SIGKILL, (fault, job.events("job_failed"), job.stderr[-2000:])
         assert job.events("fault_injected")
         resumed = job.events("resuming")
@@ -96,7 +98,13 @@ def test_sigkill_at_every_phase_of_a_save_on_s3(reference_run, tiny_model_dir, t
     final = run_job(*args)
     assert final.returncode == 0, final.stderr[-3000:]
     assert final.events("resuming")[0]["step"] == 16
-    assert final.events("uncommitted_checkpoint_removed")  # 8's leftover files
+    # half of 8 (mid_upload), all of 12 but its manifest, 8's files after its manifest was retired
+    assert removed == {
+        "mid_upload@8": [],
+        "before_manifest@12": [8],
+        "mid_retention@8": [12],
+        "after_local_save@20": [8],
+    }
     (tmp_path / "final-run").mkdir()
     store.pull(tmp_path / "final-run" / "final", "final")
     assert_same_as_reference(reference_dir, tmp_path / "final-run")
