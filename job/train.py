@@ -329,6 +329,8 @@ class CheckpointCallback(TrainerCallback):
         if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
             shutil.rmtree(path, ignore_errors=True)
             raise TrainingFailed(f"weights are not finite at step {step}; the checkpoint is not committed")
+        # Trainer pickles its arguments here; resume never reads them and loading them needs a full unpickle.
+        (path / "training_args.bin").unlink(missing_ok=True)
         faults.maybe_kill("after_local_save", step)
         self.uploader.submit(step, path)
         if not self.background:
