@@ -148,8 +148,10 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"failure:   exit {status['failure']['exit_code']}: {status['failure']['error']}")
     if status["last_metrics"]:
         m = status["last_metrics"]
+        mfu = f"MFU {m['mfu']:.1%}" if m["mfu"] is not None else "MFU n/a (no GPU)"
+        eta = f"ETA {m['eta_seconds']:.0f} s" if m["eta_seconds"] is not None else "ETA n/a"
         lines.append(
-            f"last step: {m['step']}/{m['max_steps']} loss {m['loss']:.4f}, {m['tokens_per_second']} tokens/s, "
-            f"MFU {m['mfu']}, ETA {m['eta_seconds']} s"
+            f"last step: {m['step']}/{m['max_steps']} loss {m['loss']:.4f}, "
+            f"{m['tokens_per_second']} tokens/s, {mfu}, {eta}"
         )
     return "\n".join(lines)
