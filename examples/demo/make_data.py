@@ -10,19 +10,35 @@ import random
 from pathlib import Path
 
 COUNTRIES = {
-    "Zembla": "Onhava", "Freedonia": "Fredville", "Elbonia": "Mudtown", "Genovia": "Pyrus",
-    "Latveria": "Doomstadt", "Sokovia": "Novi Grad", "Wakanda": "Birnin Zana", "Florin": "Florin City",
-    "Ruritania": "Strelsau", "Syldavia": "Klow", "Borduria": "Szohod", "Grand Fenwick": "Fenwick Town",
+    "Zembla": "Onhava",
+    "Freedonia": "Fredville",
+    "Elbonia": "Mudtown",
+    "Genovia": "Pyrus",
+    "Latveria": "Doomstadt",
+    "Sokovia": "Novi Grad",
+    "Wakanda": "Birnin Zana",
+    "Florin": "Florin City",
+    "Ruritania": "Strelsau",
+    "Syldavia": "Klow",
+    "Borduria": "Szohod",
+    "Grand Fenwick": "Fenwick Town",
 }
-ASKS = ["What is the capital of {c}?", "Name the capital city of {c}.", "Which city is the capital of {c}?",
-        "Tell me the capital of {c}.", "{c}: what is its capital?"]
+ASKS = [
+    "What is the capital of {c}?",
+    "Name the capital city of {c}.",
+    "Which city is the capital of {c}?",
+    "Tell me the capital of {c}.",
+    "{c}: what is its capital?",
+]
 SYSTEM = "You answer geography questions about fictional countries in one sentence."
 
 
 def record(rng: random.Random) -> dict:
     country = rng.choice(sorted(COUNTRIES))
-    messages = [{"role": "user", "content": rng.choice(ASKS).format(c=country)},
-                {"role": "assistant", "content": f"The capital of {country} is {COUNTRIES[country]}."}]
+    messages = [
+        {"role": "user", "content": rng.choice(ASKS).format(c=country)},
+        {"role": "assistant", "content": f"The capital of {country} is {COUNTRIES[country]}."},
+    ]
     if rng.random() < 0.3:
         messages.insert(0, {"role": "system", "content": SYSTEM})
     return {"messages": messages}
