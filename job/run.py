@@ -62,24 +62,62 @@ def train(config: JobConfig, *, allow_config_change: bool = False, force: bool =
     if store.is_committed(FINAL_PREFIX):
         log.info("already_complete", uri=f"{store.uri}/{FINAL_PREFIX}")
         return {"already_complete": True}
+    # From here on SIGTERM means "preempted" (75), whatever phase it lands in; nothing is measured
+    # yet, so until training has saved a checkpoint it stops at once.
+    preemption = PreemptionHandler(config.checkpoint.grace_seconds, Measurements())
+    preemption.install()
     lease = Lease(store, config.run.lease_ttl_seconds)
-    lease.acquire()
     try:
+        lease.acquire()
         if store.is_committed(FINAL_PREFIX):  # a predecessor finished while we waited for its lease
             log.info("already_complete", uri=f"{store.uri}/{FINAL_PREFIX}")
             return {"already_complete": True}
         _check_config_drift(store, config, allow_config_change)
         store.write_bytes(f"{STARTS_PREFIX}/{time.time():.3f}.json", json.dumps({"holder": lease.holder}).encode())
-        return _train_holding_lease(config, store, lease, force)
+        return _train_holding_lease(config, store, lease, force, preemption)
+    except PreemptedNow:
+        log.warning("preempted", signal=preemption.signal_name, newest_durable_step=None, phase="before training")
+        raise Preempted(f"stopped by {preemption.signal_name} before training began") from None
     except JobError as exc:
         if not exc.retryable:
             record_failure(store, exc.exit_code, exc.message)
         raise
     finally:
+        preemption.training_done = True
+        preemption.uninstall()
         lease.release()
 
 
-def _train_holding_lease(config: JobConfig, store: Store, lease: Lease, force: bool) -> dict[str, Any]:
+def _train_holding_lease(
+    config: JobConfig, store: Store, lease: Lease, force: bool, preemption: PreemptionHandler
+) -> dict[str, Any]:
+    """Everything while holding the lease; a SIGTERM at any point (pull, training, publish) exits 75."""
+    metrics_log = MetricsLog(store)
+    uploader_timings: dict[str, list[float]] = {"save": [], "upload": []}
+
+    def on_committed(result: UploadResult) -> None:
+        uploader_timings["save"].append(round(preemption.measured.save_seconds or 0.0, 3))
+        uploader_timings["upload"].append(round(result.seconds, 3))
+        _on_committed(result, preemption, metrics_log)
+
+    uploader = CheckpointUploader(store, config.checkpoint.keep, on_committed=on_committed)
+    try:
+        return _train(config, store, lease, force, preemption, uploader, metrics_log, uploader_timings)
+    except PreemptedNow:
+        _stop_preempted(store, uploader, preemption, metrics_log)
+        raise  # unreachable: _stop_preempted raises Preempted
+
+
+def _train(
+    config: JobConfig,
+    store: Store,
+    lease: Lease,
+    force: bool,
+    preemption: PreemptionHandler,
+    uploader: CheckpointUploader,
+    metrics_log: MetricsLog,
+    uploader_timings: dict[str, list[float]],
+) -> dict[str, Any]:
     timings: dict[str, Any] = {}
     with Heartbeat("prepare") as beat:  # pulls data and model, tokenizes
         prepared = prepare(config, store=store)
@@ -106,17 +144,6 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease, force: b
         model = load_model(prepared.source, config.model, device)
     timings["load_seconds"] = beat.stop()
 
-    metrics_log = MetricsLog(store)
-    preemption = PreemptionHandler(config.checkpoint.grace_seconds, Measurements())
-    uploader_timings: dict[str, list[float]] = {"save": [], "upload": []}
-
-    def on_committed(result: UploadResult) -> None:
-        uploader_timings["save"].append(round(preemption.measured.save_seconds or 0.0, 3))
-        uploader_timings["upload"].append(round(result.seconds, 3))
-        _on_committed(result, preemption, metrics_log)
-
-    uploader = CheckpointUploader(store, config.checkpoint.keep, on_committed=on_committed)
-
     trainer, step_metrics = build_trainer(
         config,
         model,
@@ -140,11 +167,8 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease, force: b
     if resume:
         log.info("resuming", step=resume[0], checkpoint=str(resume[1]))
     started = time.monotonic()
-    preemption.install()
     try:
         trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
-    except PreemptedNow:
-        pass
     except (TrainingFailed, torch.OutOfMemoryError) as exc:
         uploader.wait(timeout=config.checkpoint.grace_seconds)  # keep the last good checkpoint durable
         metrics_log.flush()
@@ -159,8 +183,8 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease, force: b
     timings["train_seconds"] = time.monotonic() - started
     timings["checkpoint_save_seconds"] = uploader_timings["save"]
     timings["checkpoint_upload_seconds"] = uploader_timings["upload"]
-    if preemption.requested:
-        _stop_preempted(store, uploader, preemption, metrics_log, resume[0] if resume else None)
+    if preemption.requested:  # the step finished and its save was handed to the uploader
+        raise PreemptedNow(preemption.signal_name)
 
     uploader.close()
     if uploader.error is not None:
@@ -181,7 +205,6 @@ def _train_holding_lease(config: JobConfig, store: Store, lease: Lease, force: b
     staging = _stage(config, store, prepared, trainer, work, metrics, timings, steps, evals)
     publish_final(store, staging)
     timings["publish_seconds"] = publishing.stop()
-    preemption.uninstall()
     if config.checkpoint.delete_after_final:
         _, keys = stored_checkpoints(store)
         for step in sorted(keys):
@@ -279,12 +302,14 @@ def _stop_preempted(
     uploader: CheckpointUploader,
     preemption: PreemptionHandler,
     metrics_log: MetricsLog,
-    resumed_from: int | None,
 ) -> None:
     """Wait for in-flight uploads while the budget lasts, then raise Preempted (75) naming the durable step."""
     finished = uploader.wait(timeout=max(preemption.remaining(), 0.0))
     metrics_log.flush()
-    newest = uploader.newest_committed if uploader.newest_committed is not None else resumed_from
+    newest = uploader.newest_committed
+    if newest is None:
+        committed, _ = stored_checkpoints(store)  # e.g. the checkpoint this start resumed from
+        newest = committed[0] if committed else None
     log.warning("preempted", signal=preemption.signal_name, newest_durable_step=newest, uploads_finished=finished)
     where = f"step {newest}" if newest is not None else "none yet (the next start begins from step 0)"
     raise Preempted(f"stopped by {preemption.signal_name}; newest durable checkpoint: {where}")

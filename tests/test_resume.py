@@ -171,3 +171,14 @@ def test_one_writer_per_run(tiny_model_dir, tmp_path) -> None:
     third.wait_for("training_started")
     third.signal(signal.SIGTERM)
     assert third.wait() == 75
+
+
+def test_sigterm_before_training_still_exits_75(tiny_model_dir, tmp_path) -> None:
+    """A preemption while data and model are pulled (long on a 7B) is a preemption too, not a crash."""
+    job = JobProcess(*cpu_run_args(tmp_path, tiny_model_dir, "early"))
+    job.wait_for("lease_acquired")
+    job.signal(signal.SIGTERM)
+    assert job.wait() == 75, job.raw[-5:]
+    assert job.wait_for("preemption_signal")["decision"] == "stop_now_without_saving"
+    assert job.wait_for("preempted")["newest_durable_step"] is None
+    assert not job.events("training_started")
