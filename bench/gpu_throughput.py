@@ -64,29 +64,12 @@ from job.fastpath import (
     recomputed_fraction,
 )
 from job.optim import DEFAULT_OPTIMIZER, build_optimizer
+from job.plan import MISTRAL_7B_V03
 
 MiB, GiB = 1 << 20, 1 << 30
 CARD_96GB_MIB = 97_887
 """What an RTX PRO 6000 (96 GB) reports; larger cards are capped to it."""
 
-MISTRAL_7B_V03: dict[str, Any] = {
-    "model_type": "mistral",
-    "vocab_size": 32768,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 1_000_000.0,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 TINY: dict[str, Any] = {
     **MISTRAL_7B_V03,
     "vocab_size": 256,

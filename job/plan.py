@@ -59,6 +59,27 @@ FIXED_OVERHEAD = 1 * GiB
 FRAGMENTATION = 0.05
 _QUALITY_ORDER = ("adamw_fp32_master", "adamw_kahan", "adamw_8bit_sr")
 
+# The default base model's config.json (the values that shape it): plans and benchmarks need no download.
+MISTRAL_7B_V03: dict[str, Any] = {
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "vocab_size": 32768,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1_000_000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 try:  # the tile sizes of the installed TRL's chunked LM head
     from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE as HEAD_TOKEN_TILE
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as HEAD_VOCAB_TILE

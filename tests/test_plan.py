@@ -11,28 +11,10 @@ import torch
 
 from job import plan as planner
 from job.optim import OUR_OPTIMIZERS, build_optimizer
+from job.plan import MISTRAL_7B_V03
 
 GiB = 1 << 30
 
-# Mistral-7B-v0.3's config.json (the values that shape the model).
-MISTRAL_7B_V03 = {
-    "architectures": ["MistralForCausalLM"],
-    "model_type": "mistral",
-    "vocab_size": 32768,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 1000000.0,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
 TINY = {
     "model_type": "mistral",
     "vocab_size": 128,
