@@ -51,14 +51,18 @@ check "hadolint Dockerfile" "$BIN/hadolint" --no-color Dockerfile
 check "uv lock --check (uv.lock matches pyproject.toml; if not: uv lock)" "$BIN/uv" lock --check
 
 # ------------------------------------------------------------------ manifests
+validate_every_version() {  # FILE: strict schema check against each Kubernetes version we support
+  local version
+  for version in "${K8S_VERSIONS[@]}"; do
+    "$BIN/kubernetes-validate" --strict --quiet -k "$version" "$1" || return 1
+  done
+}
+
 render_and_validate() {  # OVERLAY_DIR OUT_FILE
   local dir=$1 out=$2
   kubectl kustomize "$dir" > "$out" || return 1
   [[ -s "$out" ]] || { echo "empty render"; return 1; }
-  local version
-  for version in "${K8S_VERSIONS[@]}"; do
-    "$BIN/kubernetes-validate" --strict --quiet -k "$version" "$out" || return 1
-  done
+  validate_every_version "$out"
 }
 for dir in "${OVERLAYS[@]}"; do
   dir=${dir%/}
@@ -70,10 +74,7 @@ submitted_and_validate() {  # OVERLAY_DIR: what submit-run.sh would create, vali
   out="$work/submit-$(basename "$dir").yaml"
   scripts/submit-run.sh --dry-run --config k8s/base/config/job.yaml --overlay "$dir" \
     --image registry.example/sft-job:ci > "$out" 2>/dev/null || return 1
-  local version
-  for version in "${K8S_VERSIONS[@]}"; do
-    "$BIN/kubernetes-validate" --strict --quiet -k "$version" "$out" || return 1
-  done
+  validate_every_version "$out"
 }
 for dir in "${OVERLAYS[@]}"; do
   dir=${dir%/}
