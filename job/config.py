@@ -243,6 +243,41 @@ class StorageConfig:
 
 
 @dataclass
+class DistributedConfig:
+    nproc_per_node: int = 1
+    """Processes (one per GPU) on each node; above 1 the job starts its ranks through torch's elastic launcher."""
+    nnodes: int = 1
+    """Nodes in the run; above 1 every node runs the same command and they meet at `rdzv_endpoint`."""
+    rdzv_endpoint: str | None = None
+    """`host:port` where the nodes meet (torch's c10d rendezvous, hosted by the node at that address)."""
+    rdzv_id: str | None = None
+    """Rendezvous id shared by the nodes of one start; empty: run.name."""
+    collective_timeout_seconds: float = 600.0
+    """Longest wait in one training collective: a dead rank takes the others down after this, not a hang."""
+    setup_timeout_seconds: float = 7200.0
+    """Longest wait for a node's first rank to pull and tokenize (or rank 0 to publish) before giving up."""
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ConfigError("distributed.nproc_per_node and distributed.nnodes must be at least 1")
+        if self.collective_timeout_seconds <= 0 or self.setup_timeout_seconds <= 0:
+            raise ConfigError("distributed timeouts must be positive")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(
+                f"distributed.nnodes is {self.nnodes} but distributed.rdzv_endpoint is empty",
+                hint="set it to host:port of the first node (e.g. sft-run-node-0-0.sft-run:29400)",
+            )
+        if self.rdzv_endpoint and not re.fullmatch(r"[A-Za-z0-9.\-_\[\]:]+:\d+", self.rdzv_endpoint):
+            raise ConfigError(
+                f"distributed.rdzv_endpoint {self.rdzv_endpoint!r} is not host:port", hint="e.g. 10.0.0.5:29400"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -250,6 +285,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict in the file's shape: `train.extra` is folded back under `train:`."""
@@ -265,6 +301,7 @@ SECTION_TYPES: dict[str, type] = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "storage": StorageConfig,
+    "distributed": DistributedConfig,
 }
 
 # SFTConfig fields that another section owns: naming the right key beats "unknown key".

@@ -14,6 +14,7 @@ DEFINING = {
     "model": ("source", "revision", "dtype", "trust_remote_code"),
     "data": None,  # every data key
     "train": None,  # every hyper-parameter, SFTConfig pass-through included
+    "distributed": ("nproc_per_node", "nnodes"),  # the world size sets the global batch and the data order
 }
 MACHINE_DERIVED = {"train": ("dataloader_num_workers", "report_to", "logging_steps")}
 
