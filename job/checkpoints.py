@@ -12,6 +12,12 @@ At start, `prepare_resume` cleans what a killed predecessor left (prefixes with
 no manifest, unfinished multipart uploads, local folders) and returns the newest
 committed checkpoint whose files match their manifest, falling back to older ones.
 transformers' `get_last_checkpoint` is never used: it trusts folder names.
+
+Several nodes: each node's first rank uploads the files its node's ranks wrote (their
+RNG states, FSDP shards) in parallel with the other nodes, then records what it
+uploaded in `.parts/node-<k>.json`. Node 0 commits the manifest, listing every
+node's files, only once every part has arrived: the checkpoint exists only when
+all ranks' files are durable. Only node 0 deletes (retention, leftovers).
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ from pathlib import Path
 from job import faults
 from job.errors import ConfigError, JobError
 from job.logs import get_logger
-from job.manifest import MANIFEST_NAME, build_manifest, verify_directory
+from job.manifest import MANIFEST_NAME, Manifest, build_manifest, verify_directory
 from job.storage import LocalStore, Store, join_key
+from job.storage.base import commit_manifest
 
 log = get_logger(__name__)
 
 CHECKPOINTS_PREFIX = "checkpoints"
+PARTS_DIR = ".parts"
+_PART_POLL_SECONDS = 1.0
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -76,17 +85,20 @@ def delete_checkpoint(store: Store, step: int, keys: list[str] | None = None) ->
     store.delete([key for key in keys if key != manifest_key])
 
 
-def clean_leftovers(store: Store, local_dir: Path) -> None:
-    """Remove what a killed predecessor left half-written: it is not committed, so it does not exist."""
-    committed, keys = stored_checkpoints(store)
-    for step, names in keys.items():
-        if step not in committed:
-            log.warning("uncommitted_checkpoint_removed", step=step, objects=len(names))
-            store.delete(names)
-    aborted = store.abort_incomplete_uploads(CHECKPOINTS_PREFIX)
-    if aborted:
-        log.warning("incomplete_uploads_aborted", count=aborted)
-    for _, path in local_checkpoints(local_dir):
+def clean_leftovers(store: Store | None, local_dir: Path | None) -> None:
+    """Remove what a killed predecessor left half-written: it is not committed, so it does not exist.
+
+    `store` None: leave the store alone (not the run's writer); `local_dir` None: not this node's first rank."""
+    if store is not None:
+        committed, keys = stored_checkpoints(store)
+        for step, names in keys.items():
+            if step not in committed:
+                log.warning("uncommitted_checkpoint_removed", step=step, objects=len(names))
+                store.delete(names)
+        aborted = store.abort_incomplete_uploads(CHECKPOINTS_PREFIX)
+        if aborted:
+            log.warning("incomplete_uploads_aborted", count=aborted)
+    for _, path in local_checkpoints(local_dir) if local_dir is not None else []:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -138,17 +150,24 @@ class UploadResult:
 
 
 class CheckpointUploader:
-    """One background thread uploading checkpoints in order; retention after each commit."""
+    """One background thread uploading checkpoints in order; retention after each commit.
+
+    With several nodes there is one per node (`node_rank` of `nnodes`); node 0's commits."""
 
     def __init__(
         self,
         store: Store,
         keep: int,
         on_committed: Callable[[UploadResult], None] | None = None,
+        *,
+        node_rank: int = 0,
+        nnodes: int = 1,
+        parts_timeout: float = 3600.0,
     ) -> None:
         self.store = store
         self.keep = keep
         self.on_committed = on_committed
+        self.node_rank, self.nnodes, self.parts_timeout = node_rank, nnodes, parts_timeout
         self.newest_committed: int | None = None
         self.error: BaseException | None = None
         self._queue: queue.Queue[tuple[int, Path] | None] = queue.Queue()
@@ -182,7 +201,9 @@ class CheckpointUploader:
                 self.newest_committed = step
                 if self.on_committed:
                     self.on_committed(result)
-                self._retain(step, local.parent)
+                if self.node_rank == 0:
+                    self._retain(step)
+                self._drop_local(step, local.parent)
             except BaseException as exc:  # surfaced to the training thread at the next submit/finish
                 self.error = exc
                 log.error("checkpoint_upload_failed", step=step, error=str(exc))
@@ -201,7 +222,12 @@ class CheckpointUploader:
                 self.store.upload_file(local / entry.name, join_key(prefix, entry.name))
             faults.maybe_kill("mid_upload", step)
             faults.maybe_kill("before_manifest", step)
-        manifest = self.store.push_directory(local, prefix, meta={"step": step})
+        if self.nnodes == 1:
+            manifest = self.store.push_directory(local, prefix, meta={"step": step})
+        else:
+            manifest = self._upload_part(step, local)
+            if manifest is None:
+                return UploadResult(step, time.monotonic() - started, 0)
         seconds = time.monotonic() - started
         log.info(
             "checkpoint_committed",
@@ -212,11 +238,43 @@ class CheckpointUploader:
         )
         return UploadResult(step, seconds, manifest.total_bytes)
 
-    def _retain(self, newest: int, local_dir: Path) -> None:
+    def _upload_part(self, step: int, local: Path) -> Manifest | None:
+        """This node's files; on node 0, also the manifest once every node's part is durable."""
+        prefix = checkpoint_prefix(step)
+        mine = self.store.push_directory(local, prefix, meta={"step": step}, commit=False)
+        if self.node_rank != 0:
+            self.store.write_bytes(join_key(prefix, PARTS_DIR, f"node-{self.node_rank:05d}.json"), mine.to_json())
+            log.info("checkpoint_part_uploaded", step=step, node_rank=self.node_rank, files=len(mine.files))
+            return None
+        files = {entry.name: entry for entry in mine.files}
+        for node in range(1, self.nnodes):
+            for entry in self._wait_for_part(prefix, node).files:
+                if entry.name in files and files[entry.name] != entry:
+                    raise JobError(
+                        f"checkpoint {step}: node {node} uploaded {entry.name} with other content than node 0",
+                        hint="run.scratch must be node-local (each node writes only its own ranks' files)",
+                    )
+                files[entry.name] = entry
+        manifest = Manifest(files=sorted(files.values(), key=lambda e: e.name), meta={"step": step})
+        commit_manifest(self.store, prefix, manifest)
+        return manifest
+
+    def _wait_for_part(self, prefix: str, node: int) -> Manifest:
+        key = join_key(prefix, PARTS_DIR, f"node-{node:05d}.json")
+        deadline = time.monotonic() + self.parts_timeout
+        while self.store.stat(key) is None:
+            if time.monotonic() > deadline:
+                raise JobError(f"node {node}'s checkpoint files did not arrive at {self.store.uri}/{prefix}")
+            time.sleep(_PART_POLL_SECONDS)
+        return Manifest.from_json(self.store.read_bytes(key))
+
+    def _retain(self, newest: int) -> None:
         committed, keys = stored_checkpoints(self.store)
         for step in committed[self.keep :]:
             delete_checkpoint(self.store, step, keys.get(step))
             log.info("checkpoint_retired", step=step, keep=self.keep)
+
+    def _drop_local(self, newest: int, local_dir: Path) -> None:
         for step, path in local_checkpoints(local_dir):
             if step < newest:
                 shutil.rmtree(path, ignore_errors=True)

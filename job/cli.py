@@ -17,6 +17,9 @@ from job.reference import reference_rows
 
 log = get_logger("job.cli")
 
+_ARGV: list[str] = []
+"""This process's arguments: the launcher starts every rank with the same ones."""
+
 ENVIRONMENT_HELP = """\b
 Environment:
   SFT_CONFIG               config file (path or s3:// URI) when --config is not given
@@ -67,15 +70,36 @@ def cli() -> None:
     is_flag=True,
     help="Resume even though model, data or hyper-parameters differ from the run's first start (recorded).",
 )
-def train(config_path: str | None, overrides: tuple[str, ...], allow_config_change: bool, force: bool) -> int:
+@click.option("--nproc-per-node", type=int, help="Ranks (GPUs) on this node [distributed.nproc_per_node].")
+@click.option("--nnodes", type=int, help="Nodes in the run [distributed.nnodes].")
+@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Where the nodes meet [distributed.rdzv_endpoint].")
+def train(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    allow_config_change: bool,
+    force: bool,
+    nproc_per_node: int | None,
+    nnodes: int | None,
+    rdzv_endpoint: str | None,
+) -> int:
     """Train and publish the final model to <run.output>/<run.name>/final/.
 
     Resumes from the newest committed checkpoint when there is one. A run whose final
     output is already committed exits 0 at once. SIGTERM exits 75 once the newest
-    checkpoint is durable (see README "Preemption").
+    checkpoint is durable (see README "Preemption"). With more than one rank
+    (--nproc-per-node, --nnodes) this process launches the ranks and exits with their
+    outcome: 75 when they stopped for preemption, a fatal code when a rank hit one, else 1.
     """
+    flags = {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint}
+    overrides += tuple(f"distributed.{key}={value}" for key, value in flags.items() if value is not None)
 
     def action(config: JobConfig) -> int:
+        from job.distributed import is_worker
+
+        if config.distributed.world_size > 1 and not is_worker():
+            from job.launch import launch
+
+            return launch(config, _ARGV)
         from job.run import train as run_train
 
         run_train(config, allow_config_change=allow_config_change, force=force)
@@ -231,6 +255,7 @@ def _read_remote_config(uri: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    _ARGV[:] = sys.argv[1:] if argv is None else argv
     log_format = os.environ.get("SFT_LOG_FORMAT", "").lower()
     setup_logging(json_mode={"json": True, "console": False}.get(log_format))
     try:

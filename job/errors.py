@@ -85,3 +85,8 @@ EXIT_CODES: dict[int, str] = {
     AccessDenied.exit_code: "access denied (credentials, Hub token)",
     UNEXPECTED_EXIT_CODE: "unexpected error (traceback logged)",
 }
+
+FATAL_EXIT_CODES: tuple[int, ...] = tuple(
+    sorted(cls.exit_code for cls in (ConfigError, DataError, InputNotFound, TrainingFailed, AccessDenied))
+)
+"""Codes a retry would repeat: Kubernetes fails the Job on them, the launcher lets them win over others."""

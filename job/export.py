@@ -31,12 +31,15 @@ def stage_final(
     card: str,
     metrics: dict[str, Any],
     figure: Any | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
-    """Write everything `final/` holds into a fresh `staging` directory."""
+    """Write everything `final/` holds into a fresh `staging` directory.
+
+    `state_dict`: the consolidated weights when the model is sharded over ranks (FSDP)."""
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     model.config.use_cache = True  # training turns the KV cache off; inference wants it back
-    model.save_pretrained(staging, max_shard_size=max_shard_size, safe_serialization=True)
+    model.save_pretrained(staging, max_shard_size=max_shard_size, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     (staging / "README.md").write_text(card, encoding="utf-8")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -108,9 +108,29 @@ def _bridge_third_party(json_mode: bool, level_name: str) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def adopt_torch_loggers() -> None:
+    """torch installs its own stderr handlers when torch.distributed loads: route them through ours."""
+    for name in ("torch", "torch.distributed"):
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
 def bind_run(**fields: Any) -> None:
     """Fields (e.g. run=name) carried by every following line, ours and the libraries'."""
     structlog.contextvars.bind_contextvars(**fields)
+
+
+def quiet_unless_main(rank: int, distributed: bool) -> None:
+    """With several ranks: every line names its rank, and only rank 0 logs progress (the others
+    log warnings and errors), so N ranks do not print N copies of each step line."""
+    if not distributed:
+        return
+    bind_run(rank=rank)
+    if rank != 0:
+        logging.getLogger("job").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -23,13 +23,17 @@ METRICS_PREFIX = "logs/metrics"
 class MetricsLog:
     """Collects per-step records (dicts with a `step`) and flushes unwritten ones as chunks."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, enabled: bool = True) -> None:
         self.store = store
+        self.enabled = enabled
+        """False on every rank but 0: one writer per run."""
         self._records: list[dict[str, Any]] = []
         self._flushed = 0
         self._lock = threading.Lock()
 
     def add(self, record: Any) -> None:
+        if not self.enabled:
+            return
         with self._lock:
             self._records.append(asdict(record) if hasattr(record, "__dataclass_fields__") else dict(record))
 

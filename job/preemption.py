@@ -5,7 +5,10 @@ through a termination handler; Azure >= 30 s). Periodic background checkpoints
 are the guarantee; a save on SIGTERM happens only when finishing the current
 optimizer step plus a save plus its upload, all measured earlier in this run,
 fit in what is left of `checkpoint.grace_seconds`. Otherwise the partial step
-is abandoned at once (`PreemptedNow` raised from the handler). A second signal
+is abandoned at once (`PreemptedNow` raised from the handler). With several ranks,
+a rank never abandons a step alone (its peers would wait in a collective): during
+training the handler only records the signal, and the ranks agree at the end of
+the step (`CheckpointCallback`) whether to stop, and whether to save. A second signal
 exits 75 immediately: committed checkpoints are safe by construction (manifest
 last), and the next start cleans any half-written upload.
 """
@@ -52,6 +55,8 @@ class PreemptionHandler:
         self.save_planned = False
         self.training_done = False
         """After training, a signal always stops at once: there is no step to finish."""
+        self.defer_to_step_end = False
+        """Set while several ranks train: record the signal, decide with the peers at the step's end."""
         self._previous: dict[int, object] = {}
 
     @property
@@ -99,8 +104,14 @@ class PreemptionHandler:
             save_cost_seconds=round(cost, 2) if cost is not None else None,
             decision="finish_step_and_save" if self.save_planned else "stop_now_without_saving",
         )
-        if not self.save_planned:
+        if not self.save_planned and not self.defer_to_step_end:
             raise PreemptedNow(name)
+
+    def adopt(self, reason: str) -> None:
+        """A peer rank was signalled: this rank stops at the same step, with the same budget from now."""
+        if self.signal_time is None:
+            self.signal_time = time.monotonic()
+            self.signal_name = reason
 
     def confirm_save_at_step_end(self) -> bool:
         """At the end of the step: does a save still fit? (The step may have run long.)"""

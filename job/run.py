@@ -10,6 +10,14 @@
     stage final/ (safetensors, tokenizer, card, metrics) ─ push, MANIFEST.json last ─ drop checkpoints
 
 `validate` runs the same first half and stops before the weights.
+
+With several ranks (`job.launch` started them) every rank runs this story, with one
+writer: rank 0 holds the lease, records the config, metrics and starts, commits
+checkpoints and publishes; rank 0 prepares the inputs first, then each other node's
+first rank (reading rank 0's tokenization from the store), then the remaining ranks
+(from their node's scratch); each node's first rank pulls the resume checkpoint and
+uploads its node's checkpoint files. A rank that fails raises like a single process
+would: its peers fail on the next collective and the launcher keeps the root cause.
 """
 
 from __future__ import annotations
@@ -32,11 +40,12 @@ from job.checkpoints import (
     stored_checkpoints,
 )
 from job.config import JobConfig, redacted, to_yaml
+from job.distributed import Group
 from job.drift import config_drift
 from job.errors import ConfigError, JobError, Preempted, TrainingFailed
 from job.export import FINAL_PREFIX, publish_final, stage_final
 from job.lease import Lease
-from job.logs import Heartbeat, get_logger
+from job.logs import Heartbeat, get_logger, quiet_unless_main
 from job.metrics import MetricsLog, read_step_metrics
 from job.model import load_model
 from job.planning import plan_job, refuse_if_it_cannot_fit
@@ -57,24 +66,38 @@ def run_store(config: JobConfig) -> Store:
 
 
 def train(config: JobConfig, *, allow_config_change: bool = False, force: bool = False) -> dict[str, Any]:
-    """The whole run; returns the final metrics (or `already_complete`)."""
+    """The whole run on this rank; returns the final metrics (or `already_complete`)."""
+    group = Group.join(config.distributed)
+    quiet_unless_main(group.ranks.rank, group.distributed)
+    result = _train_as_rank(config, group, allow_config_change, force)
+    group.close()
+    return result
+
+
+def _train_as_rank(config: JobConfig, group: Group, allow_config_change: bool, force: bool) -> dict[str, Any]:
     store = run_store(config)
-    if store.is_committed(FINAL_PREFIX):
+    if group.from_main(store.is_committed(FINAL_PREFIX), "final check"):
         log.info("already_complete", uri=f"{store.uri}/{FINAL_PREFIX}")
         return {"already_complete": True}
     # From here on SIGTERM means "preempted" (75), whatever phase it lands in; nothing is measured
     # yet, so until training has saved a checkpoint it stops at once.
     preemption = PreemptionHandler(config.checkpoint.grace_seconds, Measurements())
     preemption.install()
-    lease = Lease(store, config.run.lease_ttl_seconds)
+    lease = Lease(store, config.run.lease_ttl_seconds) if group.ranks.is_main else None
     try:
-        lease.acquire()
-        if store.is_committed(FINAL_PREFIX):  # a predecessor finished while we waited for its lease
+        complete = False
+        if lease is not None:
+            lease.acquire()
+            # A predecessor may have finished while we waited for its lease.
+            complete = store.is_committed(FINAL_PREFIX)
+            if not complete:
+                _check_config_drift(store, config, allow_config_change)
+                holder = {"holder": lease.holder, "world_size": group.ranks.world_size}
+                store.write_bytes(f"{STARTS_PREFIX}/{time.time():.3f}.json", json.dumps(holder).encode())
+        if group.from_main(complete, "lease"):
             log.info("already_complete", uri=f"{store.uri}/{FINAL_PREFIX}")
             return {"already_complete": True}
-        _check_config_drift(store, config, allow_config_change)
-        store.write_bytes(f"{STARTS_PREFIX}/{time.time():.3f}.json", json.dumps({"holder": lease.holder}).encode())
-        return _train_holding_lease(config, store, lease, force, preemption)
+        return _train_holding_lease(config, store, lease, force, preemption, group)
     except PreemptedNow:
         log.warning("preempted", signal=preemption.signal_name, newest_durable_step=None, phase="before training")
         raise Preempted(f"stopped by {preemption.signal_name} before training began") from None
@@ -85,14 +108,16 @@ def train(config: JobConfig, *, allow_config_change: bool = False, force: bool =
     finally:
         preemption.training_done = True
         preemption.uninstall()
-        lease.release()
+        if lease is not None:
+            lease.release()
 
 
 def _train_holding_lease(
-    config: JobConfig, store: Store, lease: Lease, force: bool, preemption: PreemptionHandler
+    config: JobConfig, store: Store, lease: Lease | None, force: bool, preemption: PreemptionHandler, group: Group
 ) -> dict[str, Any]:
-    """Everything while holding the lease; a SIGTERM at any point (pull, training, publish) exits 75."""
-    metrics_log = MetricsLog(store)
+    """Everything while rank 0 holds the lease; a SIGTERM at any point (pull, training, publish) exits 75."""
+    ranks = group.ranks
+    metrics_log = MetricsLog(store, enabled=ranks.is_main)
     uploader_timings: dict[str, list[float]] = {"save": [], "upload": []}
 
     def on_committed(result: UploadResult) -> None:
@@ -100,9 +125,18 @@ def _train_holding_lease(
         uploader_timings["upload"].append(round(result.seconds, 3))
         _on_committed(result, preemption, metrics_log)
 
-    uploader = CheckpointUploader(store, config.checkpoint.keep, on_committed=on_committed)
+    uploader = None
+    if ranks.is_local_main:
+        uploader = CheckpointUploader(
+            store,
+            config.checkpoint.keep,
+            on_committed=on_committed,
+            node_rank=ranks.node_rank,
+            nnodes=ranks.nnodes,
+            parts_timeout=config.distributed.setup_timeout_seconds,
+        )
     try:
-        return _train(config, store, lease, force, preemption, uploader, metrics_log, uploader_timings)
+        return _train(config, store, lease, force, preemption, uploader, metrics_log, uploader_timings, group)
     except PreemptedNow:
         _stop_preempted(store, uploader, preemption, metrics_log)
         raise  # unreachable: _stop_preempted raises Preempted
@@ -111,33 +145,39 @@ def _train_holding_lease(
 def _train(
     config: JobConfig,
     store: Store,
-    lease: Lease,
+    lease: Lease | None,
     force: bool,
     preemption: PreemptionHandler,
-    uploader: CheckpointUploader,
+    uploader: CheckpointUploader | None,
     metrics_log: MetricsLog,
     uploader_timings: dict[str, list[float]],
+    group: Group,
 ) -> dict[str, Any]:
+    ranks = group.ranks
     timings: dict[str, Any] = {}
     with Heartbeat("prepare") as beat:  # pulls data and model, tokenizes
-        prepared = prepare(config, store=store)
+        prepared = _prepare_in_turn(config, store, group)
     timings["prepare_seconds"] = beat.stop()
 
     from job.train import CheckpointCallback, build_trainer, detect_device
 
     work = scratch_dir(config) / "runs" / config.run.name
     trainer_dir = work / "trainer"
-    clean_leftovers(store, trainer_dir)
+    clean_leftovers(store if ranks.is_main else None, trainer_dir if ranks.is_local_main else None)
     plan = plan_job(config, model_config=prepared.source.location, dataset_tokens=prepared.train.tokens)
     refuse_if_it_cannot_fit(plan, force)
     memory = plan["memory_bytes"]
-    # A checkpoint holds the weights and the optimizer states; a Hub model still has to be downloaded.
-    check_scratch_space(
-        scratch_dir(config),
-        checkpoint_bytes=memory["weights"] + memory["optimizer"],
-        model_bytes_to_pull=memory["weights"] if prepared.source.is_hub else 0,
-    )
-    resume = prepare_resume(store, work / "resume")
+    resume = None
+    if ranks.is_local_main:
+        # A checkpoint holds the weights and the optimizer states; a Hub model still has to be downloaded.
+        check_scratch_space(
+            scratch_dir(config),
+            checkpoint_bytes=memory["weights"] + memory["optimizer"],
+            model_bytes_to_pull=memory["weights"] if prepared.source.is_hub else 0,
+        )
+        resume = prepare_resume(store, work / "resume")
+    resume = group.from_local_main(resume, "resume")
+    _same_resume_step_everywhere(group, resume)
 
     device = detect_device()
     with Heartbeat("load_model") as beat:
@@ -158,19 +198,24 @@ def _train(
                 config.checkpoint.background_upload,
                 uploader,
                 preemption,
-                lease.lost.is_set,
+                lease.lost.is_set if lease is not None else lambda: False,
+                group,
             )
         ],
         sink=metrics_log.add,
         flops_budget=_flops_budget(plan, device),
+        group=group,
     )
     if resume:
         log.info("resuming", step=resume[0], checkpoint=str(resume[1]))
     started = time.monotonic()
+    # With peers, a signal mid-step is settled at the step's end, together (see preemption).
+    preemption.defer_to_step_end = group.distributed
     try:
         trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     except (TrainingFailed, torch.OutOfMemoryError) as exc:
-        uploader.wait(timeout=config.checkpoint.grace_seconds)  # keep the last good checkpoint durable
+        if uploader is not None:
+            uploader.wait(timeout=config.checkpoint.grace_seconds)  # keep the last good checkpoint durable
         metrics_log.flush()
         if isinstance(exc, torch.OutOfMemoryError):
             raise TrainingFailed(
@@ -180,17 +225,20 @@ def _train(
         raise
     finally:
         preemption.training_done = True
+        preemption.defer_to_step_end = False
     timings["train_seconds"] = time.monotonic() - started
     timings["checkpoint_save_seconds"] = uploader_timings["save"]
     timings["checkpoint_upload_seconds"] = uploader_timings["upload"]
     if preemption.requested:  # the step finished and its save was handed to the uploader
         raise PreemptedNow(preemption.signal_name)
 
-    uploader.close()
-    if uploader.error is not None:
-        raise uploader.error
+    if uploader is not None:
+        uploader.close()
+        if uploader.error is not None:
+            raise uploader.error
     metrics_log.flush()
-    steps = read_step_metrics(store)  # every start's steps, each once
+    # Every start's steps, each once; rank 0 reports the run, the others help evaluate and publish.
+    steps = read_step_metrics(store) if ranks.is_main else []
     metrics: dict[str, Any] = {**step_metrics.summary(), "data_format": prepared.dataset.format}
     metrics["loss_per_step"] = [[r["step"], r["loss"]] for r in steps]
     metrics["resumed_from_step"] = resume[0] if resume else None
@@ -202,9 +250,15 @@ def _train(
     metrics["eval_loss_per_step"] = [[step, loss] for step, loss in evals]
 
     publishing = Heartbeat("publish").start()
-    staging = _stage(config, store, prepared, trainer, work, metrics, timings, steps, evals)
-    publish_final(store, staging)
+    # FSDP: every rank hands its shards over; rank 0 receives the whole (consolidated) state dict.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if group.distributed else None
+    if ranks.is_main:
+        staging = _stage(config, store, prepared, trainer, work, metrics, timings, steps, evals, state_dict)
+        publish_final(store, staging)
+    group.barrier("publish")
     timings["publish_seconds"] = publishing.stop()
+    if not ranks.is_main:
+        return metrics
     if config.checkpoint.delete_after_final:
         _, keys = stored_checkpoints(store)
         for step in sorted(keys):
@@ -224,12 +278,14 @@ def _stage(
     timings: dict[str, Any],
     steps: list[dict[str, Any]],
     evals: list[tuple[int, float]],
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Card (with curves and run facts), metrics, weights and tokenizer in a staging directory."""
     from job.card import plot_curves, render_card
 
     facts = {
         "hardware": _hardware(),
+        "world_size": config.distributed.world_size,
         "preemptions_survived": max(len(store.list(STARTS_PREFIX)) - 1, 0),
         "wall_seconds_this_start": round(sum(v for v in timings.values() if isinstance(v, float)), 1),
         "torch": torch.__version__,
@@ -250,7 +306,29 @@ def _stage(
         card=card,
         metrics={**metrics, **facts, "timings": timings},
         figure=plot_curves(steps, evals),
+        state_dict=state_dict,
     )
+
+
+def _prepare_in_turn(config: JobConfig, store: Store, group: Group) -> Any:
+    """Rank 0 pulls and tokenizes (cache in the store), then each other node's first rank (reading that
+    cache), then everyone else from their node's scratch: inputs are fetched once per node, tokenized once."""
+    ranks = group.ranks
+    prepared = prepare(config, store=store) if ranks.is_main else None
+    group.barrier("prepare on rank 0")
+    if ranks.is_local_main and not ranks.is_main:
+        prepared = prepare(config, store=store)
+    group.barrier("prepare on each node")
+    return prepared if prepared is not None else prepare(config, store=None)
+
+
+def _same_resume_step_everywhere(group: Group, resume: tuple[int, Path] | None) -> None:
+    steps = set(group.all_gather(resume[0] if resume else None, "resume step"))
+    if len(steps) > 1:
+        raise JobError(
+            f"the nodes would resume from different checkpoints: {sorted(steps, key=str)}",
+            hint="a checkpoint verified on one node and not on another; the retry starts over from the store",
+        )
 
 
 def _flops_budget(plan: dict[str, Any], device: str) -> Any:
@@ -299,14 +377,14 @@ def _on_committed(result: UploadResult, preemption: PreemptionHandler, metrics_l
 
 def _stop_preempted(
     store: Store,
-    uploader: CheckpointUploader,
+    uploader: CheckpointUploader | None,
     preemption: PreemptionHandler,
     metrics_log: MetricsLog,
 ) -> None:
     """Wait for in-flight uploads while the budget lasts, then raise Preempted (75) naming the durable step."""
-    finished = uploader.wait(timeout=max(preemption.remaining(), 0.0))
+    finished = uploader.wait(timeout=max(preemption.remaining(), 0.0)) if uploader is not None else True
     metrics_log.flush()
-    newest = uploader.newest_committed
+    newest = uploader.newest_committed if uploader is not None and uploader.node_rank == 0 else None
     if newest is None:
         committed, _ = stored_checkpoints(store)  # e.g. the checkpoint this start resumed from
         newest = committed[0] if committed else None

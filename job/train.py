@@ -26,6 +26,7 @@ from trl import SFTConfig, SFTTrainer
 from job import faults
 from job.checkpoints import CheckpointUploader
 from job.config import JobConfig
+from job.distributed import Group
 from job.errors import ConfigError, StorageUnavailable, TrainingFailed
 from job.logs import get_logger
 from job.masking import IGNORE_INDEX
@@ -53,10 +54,39 @@ def detect_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def fsdp_enabled(extra: dict[str, Any]) -> bool:
+    """`train.fsdp`: true (or a legacy option string such as "full_shard auto_wrap")."""
+    value = extra.get("fsdp")
+    return bool(value) and str(value).strip().lower() not in ("false", "0", "no", "none")
+
+
+def _fsdp_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """FSDP2 defaults: full shard, wrap each decoder layer (the model's `_no_split_modules`), FSDP's own
+    activation checkpointing (Trainer's would add an all-gather), sharded checkpoints (each rank writes its
+    shard: no gather to one rank on every save). The user's `train.fsdp_config` keys win."""
+    fsdp_config = {
+        "version": 2,
+        "reshard_after_forward": True,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "activation_checkpointing": bool(kwargs.get("activation_checkpointing")),
+        "state_dict_type": "SHARDED_STATE_DICT",
+        **(kwargs.get("fsdp_config") or {}),
+    }
+    legacy = kwargs["fsdp"] if str(kwargs["fsdp"]).strip().lower() not in ("true", "1", "yes") else True
+    return {"fsdp": legacy, "fsdp_config": fsdp_config, "activation_checkpointing": False}
+
+
 def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_eval: bool) -> SFTConfig:
     """SFTConfig from the `train:` section plus the fields the job owns."""
     train = config.train
     on_gpu = device == "cuda"
+    sharded = fsdp_enabled(train.extra)
+    if sharded and _is_ours(train.optim):
+        raise ConfigError(
+            f"train.optim {train.optim} is not verified on FSDP2's sharded parameters",
+            hint="with train.fsdp use model.dtype: float32 and train.optim: adamw_torch_fused "
+            "(FSDP keeps float32 master shards and computes in bf16, so small updates are not lost)",
+        )
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": train.per_device_train_batch_size,
@@ -73,7 +103,8 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
         "data_seed": train.seed,
         "optim": "adamw_torch" if _is_ours(train.optim) else train.optim,  # ours is handed over separately
         # bf16 autocast follows the weights: on CPU it would silently change float32 results.
-        "bf16": on_gpu and config.model.dtype == "bfloat16",
+        # With FSDP, float32 weights are the sharded master copy and bf16 is FSDP's compute dtype.
+        "bf16": on_gpu and (config.model.dtype == "bfloat16" or (sharded and config.model.dtype == "float32")),
         "fp16": on_gpu and config.model.dtype == "float16",
         "use_cpu": not on_gpu,
         "max_length": config.data.max_length,
@@ -91,11 +122,15 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
         "eval_strategy": "no",
         "per_device_eval_batch_size": train.per_device_train_batch_size,
         "dataloader_num_workers": 0,
+        "ddp_timeout": int(config.distributed.collective_timeout_seconds),
+        "ddp_find_unused_parameters": False,  # a causal LM uses every parameter each step; the search costs time
     }
     from job.fastpath import choose_fast_path  # TF32, activation checkpointing, compile for this GPU (logged once)
 
     kwargs.update(choose_fast_path(config, device).sft_kwargs())
     kwargs.update(train.extra)
+    if sharded:
+        kwargs.update(_fsdp_kwargs(kwargs))
     if has_eval and "eval_steps" in train.extra and "eval_strategy" not in train.extra:
         kwargs["eval_strategy"] = "steps"  # eval_steps alone means "evaluate every N steps"
     if not has_eval and kwargs.get("eval_strategy") not in (None, "no"):
@@ -104,7 +139,7 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
         args = SFTConfig(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"the train: section is not a valid SFTConfig: {exc}") from None
-    if config.model.dtype == "float32" and (args.bf16 or args.fp16):
+    if config.model.dtype == "float32" and (args.bf16 or args.fp16) and not sharded:
         raise ConfigError("model.dtype float32 with bf16/fp16 autocast would not be a float32 run")
     return args
 
@@ -167,6 +202,8 @@ class StepMetrics(TrainerCallback):
     trainer: JobTrainer | None = None
     sink: Callable[[StepRecord], None] | None = None
     """Receives every step record (the run's metrics log)."""
+    group: Group = field(default_factory=Group.single)
+    """With several ranks a step's loss is the mean over ranks and its tokens their sum."""
     flops: FlopsBudget | None = None
     """Set on a GPU with a known peak: MFU and hardware FLOP utilisation per step."""
     steps: list[StepRecord] = field(default_factory=list)
@@ -183,7 +220,15 @@ class StepMetrics(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = self._window_started = self._last_step_time = time.monotonic()
         self.first_step = state.global_step
-        log.info("training_started", max_steps=state.max_steps, start_step=state.global_step)
+        wrapped = self.trainer.model_wrapped if self.trainer is not None else None
+        log.info(
+            "training_started",
+            max_steps=state.max_steps,
+            start_step=state.global_step,
+            world_size=self.group.ranks.world_size,
+            # What the ranks really run under: on CPU, Trainer turns an FSDP request into DDP without a word.
+            wrapper=type(wrapped).__name__ if wrapped is not None else None,
+        )
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # Between optimizer.step() and the scheduler's step: the learning rate this step used.
@@ -193,10 +238,11 @@ class StepMetrics(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         assert self.trainer is not None
         now = time.monotonic()
+        loss, tokens = self.group.sum([self.trainer.pending_loss, self.trainer.pending_tokens])
         record = StepRecord(
             step=state.global_step,
-            loss=self.trainer.pending_loss,
-            tokens=self.trainer.pending_tokens,
+            loss=loss / self.group.ranks.world_size,
+            tokens=int(tokens),
             seconds=now - self._last_step_time,
             max_steps=state.max_steps,
             grad_norm=self.trainer.pending_grad_norm,
@@ -206,10 +252,9 @@ class StepMetrics(TrainerCallback):
         if torch.cuda.is_available():
             record.peak_memory_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if self.flops and record.tokens_per_second:
-            record.mfu = round(record.tokens_per_second * self.flops.model_flops_per_token / self.flops.peak_flops, 4)
-            record.hfu = round(
-                record.tokens_per_second * self.flops.hardware_flops_per_token / self.flops.peak_flops, 4
-            )
+            peak = self.flops.peak_flops * self.group.ranks.world_size  # tokens are every rank's
+            record.mfu = round(record.tokens_per_second * self.flops.model_flops_per_token / peak, 4)
+            record.hfu = round(record.tokens_per_second * self.flops.hardware_flops_per_token / peak, 4)
         self.trainer.pending_loss, self.trainer.pending_tokens = 0.0, 0
         self._last_step_time = now
         self._window_tokens += record.tokens
@@ -292,13 +337,16 @@ class CheckpointCallback(TrainerCallback):
         self,
         every_minutes: float,
         background: bool,
-        uploader: CheckpointUploader,
+        uploader: CheckpointUploader | None,
         preemption: PreemptionHandler,
         lease_lost: Callable[[], bool],
+        group: Group | None = None,
     ) -> None:
         self.every_seconds = every_minutes * 60
         self.background = background
         self.uploader = uploader
+        """This node's uploader; None on ranks that do not upload (all but each node's first)."""
+        self.group = group or Group.single()
         self.preemption = preemption
         self.lease_lost = lease_lost
         self._last_save = self._step_started = self._save_started = time.monotonic()
@@ -312,12 +360,21 @@ class CheckpointCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         now = time.monotonic()
         self.preemption.measured.step_seconds = now - self._step_started
-        if self.lease_lost():
+        signalled = self.preemption.requested
+        cannot_save = signalled and not self.preemption.confirm_save_at_step_end()
+        due = now - self._last_save >= self.every_seconds
+        # One decision for all ranks, in one small all-reduce: they stop (and save) at the same step.
+        stop, vetoes, due_anywhere, lost = self.group.sum([signalled, cannot_save, due, self.lease_lost()])
+        if lost:
             raise StorageUnavailable("lost the run's lease to another process; stopping before writing again")
-        if self.preemption.requested:
+        if stop:
+            if not signalled:
+                self.preemption.adopt("SIGTERM on a peer rank")
             control.should_training_stop = True
-            control.should_save = self.preemption.confirm_save_at_step_end()
-        elif now - self._last_save >= self.every_seconds:
+            control.should_save = vetoes == 0
+            if self.group.distributed:
+                log.warning("preemption_agreed", step=state.global_step, save=control.should_save)
+        elif due_anywhere:
             control.should_save = True
         if control.should_save:
             self._save_started = now
@@ -326,15 +383,19 @@ class CheckpointCallback(TrainerCallback):
         self.preemption.measured.save_seconds = time.monotonic() - self._save_started
         step = state.global_step
         path = Path(args.output_dir) / f"checkpoint-{step}"
-        if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+        finite = model is None or all(bool(torch.isfinite(_local(p)).all()) for p in model.parameters())
+        if self.group.sum([not finite])[0]:  # every rank checks its own shard; all of them stop
             shutil.rmtree(path, ignore_errors=True)
             raise TrainingFailed(f"weights are not finite at step {step}; the checkpoint is not committed")
         # Trainer pickles its arguments here; resume never reads them and loading them needs a full unpickle.
         (path / "training_args.bin").unlink(missing_ok=True)
+        # Every rank's files (its RNG state, its FSDP shards) are on disk before the node uploads them.
+        self.group.barrier("checkpoint save")
         faults.maybe_kill("after_local_save", step)
-        self.uploader.submit(step, path)
-        if not self.background:
-            self.uploader.wait()
+        if self.uploader is not None:
+            self.uploader.submit(step, path)
+            if not self.background:
+                self.uploader.wait()
         self._last_save = time.monotonic()
         log.info(
             "checkpoint_saved_locally",
@@ -343,6 +404,11 @@ class CheckpointCallback(TrainerCallback):
             blocked_seconds=round(self._last_save - self._save_started, 3),
             background_upload=self.background,
         )
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter, the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def build_trainer(
@@ -356,11 +422,12 @@ def build_trainer(
     extra_callbacks: list[TrainerCallback] = (),  # type: ignore[assignment]
     sink: Callable[[StepRecord], None] | None = None,
     flops_budget: FlopsBudget | None = None,
+    group: Group | None = None,
 ) -> tuple[JobTrainer, StepMetrics]:
     from job.optim import is_ours, trainer_optimizer
 
     args = build_sft_config(config, output_dir, device, has_eval=eval_dataset is not None)
-    metrics = StepMetrics(sink=sink, flops=flops_budget)
+    metrics = StepMetrics(sink=sink, flops=flops_budget, group=group or Group.single())
     optimizer = None
     if is_ours(config.train.optim):
         # SFTConfig.optim only takes transformers' enum; Trainer builds ours after placing the model, with its

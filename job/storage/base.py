@@ -130,8 +130,10 @@ class Store(ABC):
             return None
         return Manifest.from_json(self.read_bytes(join_key(prefix, MANIFEST_NAME)))
 
-    def push_directory(self, source: Path, prefix: str, meta: dict | None = None) -> Manifest:
-        """Upload every file under `source` to `prefix`, verify sizes, then commit the manifest."""
+    def push_directory(self, source: Path, prefix: str, meta: dict | None = None, *, commit: bool = True) -> Manifest:
+        """Upload every file under `source` to `prefix`, verify sizes, then commit the manifest.
+
+        `commit=False` leaves the manifest to the caller (a checkpoint whose files come from several nodes)."""
         if self.is_committed(prefix):
             raise AlreadyCommitted(f"{self.uri}/{prefix} is already committed; it is never overwritten")
         manifest = build_manifest(source, meta)
@@ -141,7 +143,8 @@ class Store(ABC):
             info = self.stat(join_key(prefix, entry.name))
             if info is None or info.size != entry.size:
                 raise JobError(f"upload of {entry.name} to {self.uri}/{prefix} did not verify (size differs)")
-        commit_manifest(self, prefix, manifest)
+        if commit:
+            commit_manifest(self, prefix, manifest)
         return manifest
 
     def pull(self, destination: Path, prefix: str = "") -> list[Path]:

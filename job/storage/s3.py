@@ -227,8 +227,8 @@ class S3Store(Store):
 
     # ---- directory transfers (parallel; see s3_sync)
 
-    def push_directory(self, source: Path, prefix: str, meta: dict | None = None) -> Manifest:
-        return s3_sync.push_directory(self, source, prefix, meta)
+    def push_directory(self, source: Path, prefix: str, meta: dict | None = None, *, commit: bool = True) -> Manifest:
+        return s3_sync.push_directory(self, source, prefix, meta, commit=commit)
 
     def pull(self, destination: Path, prefix: str = "", *, record: Path | None = None) -> list[Path]:
         """Download `prefix` into `destination`, skipping files unchanged since the last pull there.

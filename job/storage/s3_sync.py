@@ -166,7 +166,7 @@ class HashingReader:
         return hash_file(self.path, *self._sizes)
 
 
-def push_directory(store: S3Store, source: Path, prefix: str, meta: dict | None) -> Manifest:
+def push_directory(store: S3Store, source: Path, prefix: str, meta: dict | None, *, commit: bool = True) -> Manifest:
     uri = store.uri_of(prefix)
     if store.is_committed(prefix):
         raise AlreadyCommitted(f"{uri} is already committed; it is never overwritten")
@@ -206,8 +206,9 @@ def push_directory(store: S3Store, source: Path, prefix: str, meta: dict | None)
         files=[FileEntry(name, size, sha) for name, (size, sha, _) in zip(names, digests, strict=True)],
         meta=dict(meta or {}),
     )
-    commit_manifest(store, prefix, manifest)
-    log.info("storage_committed", uri=uri, files=len(files), bytes=total)
+    if commit:
+        commit_manifest(store, prefix, manifest)
+        log.info("storage_committed", uri=uri, files=len(files), bytes=total)
     return manifest
 
 

@@ -1,0 +1,107 @@
+"""Start the ranks through torch's elastic launcher and give the pod *our* exit code.
+
+`train` with `distributed.nproc_per_node` (or `nnodes`) above 1 runs here: the launcher
+process starts the ranks (subprocesses running the same command line; they find their
+rank in the environment and train), and maps their exit codes to one:
+
+    a rank exited with a fatal code (64, 65, 66, 70, 77)  -> that code (the lowest rank's)
+    else a rank exited 75 (preempted), or the launcher itself was signalled  -> 75
+    else (a rank crashed, was killed, or a node never joined)  -> 1, retryable
+
+`torchrun` would exit 1 whenever a child fails, 75s included, so a Kubernetes
+podFailurePolicy could not tell preemption from a crash. The elastic agent reports only
+the ranks that had already failed when it noticed (before it stops the others), so a
+rank torn down *because* a peer failed does not mask the root cause. On SIGTERM the agent
+forwards the signal to every rank and waits `checkpoint.grace_seconds` (+5 s) for them
+to agree on a last step, save if it fits, and exit, before it kills them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from job.config import JobConfig
+from job.errors import FATAL_EXIT_CODES, UNEXPECTED_EXIT_CODE, Preempted
+from job.logs import adopt_torch_loggers, get_logger
+
+log = get_logger(__name__)
+
+SHUTDOWN_MARGIN_SECONDS = 5
+"""Beyond checkpoint.grace_seconds, time the ranks get to exit after SIGTERM before SIGKILL."""
+
+
+def exit_code_for(failures: dict[int, int]) -> int:
+    """One exit code for the pod from the failed ranks' codes ({rank: code}; negative: killed by signal)."""
+    codes = [failures[rank] for rank in sorted(failures)]
+    fatal = [code for code in codes if code in FATAL_EXIT_CODES]
+    if fatal:
+        return fatal[0]
+    if Preempted.exit_code in codes:
+        return Preempted.exit_code
+    return UNEXPECTED_EXIT_CODE
+
+
+def launch_config(config: JobConfig) -> Any:
+    from torch.distributed.launcher.api import LaunchConfig
+
+    settings = config.distributed
+    return LaunchConfig(
+        min_nodes=settings.nnodes,
+        max_nodes=settings.nnodes,
+        nproc_per_node=settings.nproc_per_node,
+        run_id=settings.rdzv_id or config.run.name,
+        role="sft",
+        rdzv_backend="c10d",
+        # One node: torchrun --standalone's choice, a private store on a free port.
+        rdzv_endpoint=settings.rdzv_endpoint or "localhost:0",
+        rdzv_configs={"timeout": int(settings.setup_timeout_seconds)},
+        max_restarts=0,  # a restart is the platform's (a new pod resumes from the newest checkpoint)
+        monitor_interval=0.5,
+        start_method="spawn",
+        shutdown_timeout=int(config.checkpoint.grace_seconds) + SHUTDOWN_MARGIN_SECONDS,
+    )
+
+
+def launch(config: JobConfig, argv: Sequence[str]) -> int:
+    """Run `python -m job <argv>` on every rank; the ranks' outcome as one exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import elastic_launch
+
+    adopt_torch_loggers()
+    settings = config.distributed
+    # Ranks share the node's cores (torchrun would pin each to one thread; dataloading here is light).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // settings.nproc_per_node)))
+    log.info(
+        "launching_ranks",
+        nproc_per_node=settings.nproc_per_node,
+        nnodes=settings.nnodes,
+        world_size=settings.world_size,
+        rdzv_endpoint=settings.rdzv_endpoint or "localhost (one node)",
+    )
+    try:
+        elastic_launch(launch_config(config), entrypoint=sys.executable)("-m", "job", *argv)
+    except ChildFailedError as exc:
+        failures = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        for rank, code in sorted(failures.items()):
+            log.error("rank_failed", failed_rank=rank, exit_code=code)
+        code = exit_code_for(failures)
+        log.error("ranks_failed", exit_code=code, failed_ranks=sorted(failures))
+        return code
+    except SignalException as exc:
+        log.warning("launcher_signalled", signal=exc.sigval.name, exit_code=Preempted.exit_code)
+        return Preempted.exit_code
+    except RendezvousError as exc:
+        log.error(
+            "rendezvous_failed",
+            error=str(exc),
+            exit_code=UNEXPECTED_EXIT_CODE,
+            hint="every node must run the same command with the same distributed.rdzv_endpoint and nnodes",
+        )
+        return UNEXPECTED_EXIT_CODE
+    log.info("ranks_finished", world_size=settings.world_size)
+    return 0
