@@ -2,7 +2,9 @@
 # Deployment checks, offline except for PyPI (no Docker daemon, no cluster):
 #   hadolint on the Dockerfile; every kustomize overlay rendered with `kubectl kustomize` and
 #   validated with `kubernetes-validate --strict` (oldest and newest Kubernetes we support), and
-#   so is what scripts/submit-run.sh would create; `uv lock --check` (uv.lock in sync with
+#   so is what scripts/submit-run.sh would create; the multi-node JobSet (k8s/multinode) rendered
+#   the same way, its child Job template validated as the batch/v1 Job the JobSet controller
+#   creates (no schema exists for the CRD itself); `uv lock --check` (uv.lock in sync with
 #   pyproject.toml); shellcheck on the shell scripts; the example CI workflow against GitHub's
 #   workflow schema.
 # Installs its own pinned tools into a private venv (nothing from the caller's environment but
@@ -24,6 +26,7 @@ TOOLS=(
 # 1.31: podFailurePolicy GA, the oldest API this Job is written for; 1.37: newest schema shipped.
 K8S_VERSIONS=(1.31.0 1.37.0)
 OVERLAYS=(k8s/base k8s/overlays/*/)
+MULTINODE=k8s/multinode
 
 failures=()
 check() {  # check LABEL COMMAND...: run it, record the result, keep going
@@ -80,6 +83,46 @@ for dir in "${OVERLAYS[@]}"; do
   dir=${dir%/}
   check "submit-run.sh --dry-run + kubernetes-validate --strict: $dir" submitted_and_validate "$dir"
 done
+
+# ------------------------------------------------------------------ multi-node (JobSet)
+# kubernetes-validate has no schema for the JobSet CRD (it only warns about the kind): validate the
+# render's built-in objects as they are, and each replicatedJob's template wrapped into the
+# batch/v1 Job the JobSet controller creates from it. tests/test_k8s_multinode.py asserts the
+# JobSet's own fields.
+jobset_children_and_validate() {  # KUSTOMIZE_DIR OUT_FILE
+  local dir=$1 out=$2
+  kubectl kustomize "$dir" > "$out.render" || return 1
+  "$BIN/python" - "$out.render" "$out" <<'PY' || return 1
+import sys
+
+import yaml
+
+source, target = sys.argv[1:]
+docs, children = [], 0
+with open(source) as f:
+    for doc in yaml.safe_load_all(f):
+        if not doc:
+            continue
+        if doc.get("kind") != "JobSet":
+            docs.append(doc)
+            continue
+        for rjob in doc["spec"]["replicatedJobs"]:
+            template = rjob["template"]
+            for index in range(rjob.get("replicas", 1)):
+                name = f"{doc['metadata']['name']}-{rjob['name']}-{index}"
+                metadata = {**template.get("metadata", {}), "name": name}
+                docs.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": template["spec"]})
+                children += 1
+if not children:
+    sys.exit(f"{source}: no JobSet with a replicatedJob in the render")
+with open(target, "w") as f:
+    yaml.safe_dump_all(docs, f)
+print(f"{children} child Job(s) wrapped from {source}")
+PY
+  validate_every_version "$out"
+}
+check "kustomize + kubernetes-validate --strict (child Jobs): $MULTINODE" jobset_children_and_validate \
+  "$MULTINODE" "$work/multinode.yaml"
 
 # ------------------------------------------------------------------ scripts and CI example
 check "shellcheck" "$BIN/shellcheck" scripts/submit-run.sh .ci/deploy-checks.sh
