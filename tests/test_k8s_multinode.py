@@ -492,6 +492,18 @@ def test_grace_period_covers_the_jobs_grace_budget():
     assert termination == single.pod_spec(single_job())["terminationGracePeriodSeconds"]
 
 
+def test_grace_period_covers_the_launchers_shutdown():
+    launch = pytest.importorskip("job.launch", reason="the job package holds the launcher's shutdown margin")
+    config_mod = pytest.importorskip("job.config")
+    env = {k: v for k, v in pod_env().items() if k.startswith("SFT_") and k != "SFT_CONFIG"}
+    config = config_mod.load_config(None, environ={**env, "SFT_DATA__TRAIN": "s3://bucket/train.jsonl"})
+    ranks_killed_after = config.checkpoint.grace_seconds + launch.SHUTDOWN_MARGIN_SECONDS
+    termination = single.pod_spec(child_job())["terminationGracePeriodSeconds"]
+    assert termination >= ranks_killed_after + single.MIN_EXIT_MARGIN_S, (
+        "the launcher must reap its ranks and exit with their code before the kubelet's SIGKILL"
+    )
+
+
 def test_no_literal_secrets():
     container = single.train_container(child_job())
     for item in container.get("env", []):
