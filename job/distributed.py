@@ -119,6 +119,7 @@ class Group:
         setup = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=settings.setup_timeout_seconds))
         log.info(
             "process_group_joined",
+            pid=os.getpid(),
             rank=ranks.rank,
             world_size=ranks.world_size,
             local_rank=ranks.local_rank,
@@ -168,12 +169,19 @@ class Group:
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks (default group, collective timeout): one small all-reduce."""
+        return self._all_reduce(values, "SUM")
+
+    def max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over ranks (default group, collective timeout): one small all-reduce."""
+        return self._all_reduce(values, "MAX")
+
+    def _all_reduce(self, values: list[float], op: str) -> list[float]:
         if not self.distributed:
-            return list(values)
+            return [float(v) for v in values]
         import torch.distributed as dist
 
         tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
         return tensor.tolist()
 
     def _await(self, work: Any, phase: str) -> None:

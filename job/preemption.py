@@ -107,16 +107,20 @@ class PreemptionHandler:
         if not self.save_planned and not self.defer_to_step_end:
             raise PreemptedNow(name)
 
-    def adopt(self, reason: str) -> None:
-        """A peer rank was signalled: this rank stops at the same step, with the same budget from now."""
+    def seconds_since_signal(self) -> float:
+        """-1 when no signal came."""
+        return -1.0 if self.signal_time is None else time.monotonic() - self.signal_time
+
+    def adopt(self, reason: str, seconds_ago: float) -> None:
+        """A peer rank was signalled `seconds_ago`: this rank stops at the same step, on the same budget."""
         if self.signal_time is None:
-            self.signal_time = time.monotonic()
+            self.signal_time = time.monotonic() - seconds_ago
             self.signal_name = reason
 
-    def confirm_save_at_step_end(self) -> bool:
-        """At the end of the step: does a save still fit? (The step may have run long.)"""
-        cost = self.save_cost(include_step=False)
-        still = self.save_planned and cost is not None and cost <= self.remaining()
+    def save_fits(self, cost: float | None) -> bool:
+        """At the end of the step: does a save of `cost` seconds (None: never measured) still fit what is left?
+        (The step may have run long.) With several ranks, `cost` is rank 0's: one decision for all."""
+        still = cost is not None and cost <= self.remaining()
         if self.save_planned and not still:
             log.warning("preemption_save_dropped", reason="the step ran past the budget", remaining=self.remaining())
         self.save_planned = still

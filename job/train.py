@@ -360,21 +360,26 @@ class CheckpointCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         now = time.monotonic()
         self.preemption.measured.step_seconds = now - self._step_started
-        signalled = self.preemption.requested
-        cannot_save = signalled and not self.preemption.confirm_save_at_step_end()
-        due = now - self._last_save >= self.every_seconds
-        # One decision for all ranks, in one small all-reduce: they stop (and save) at the same step.
-        stop, vetoes, due_anywhere, lost = self.group.sum([signalled, cannot_save, due, self.lease_lost()])
+        # One decision for all ranks from one small all-reduce (max): the earliest signal on any rank, rank 0's
+        # measured save cost (the others contribute -inf; inf: never measured), a time-based save due on rank 0.
+        cost = self.preemption.save_cost(include_step=False) if self.group.ranks.is_main else -math.inf
+        signal_age, rank0_cost, due, lost = self.group.max(
+            [
+                self.preemption.seconds_since_signal(),
+                math.inf if cost is None else cost,
+                self.group.ranks.is_main and now - self._last_save >= self.every_seconds,
+                self.lease_lost(),
+            ]
+        )
         if lost:
             raise StorageUnavailable("lost the run's lease to another process; stopping before writing again")
-        if stop:
-            if not signalled:
-                self.preemption.adopt("SIGTERM on a peer rank")
+        if signal_age >= 0:
+            self.preemption.adopt("SIGTERM on a peer rank", signal_age)
             control.should_training_stop = True
-            control.should_save = vetoes == 0
+            control.should_save = self.preemption.save_fits(None if math.isinf(rank0_cost) else rank0_cost)
             if self.group.distributed:
                 log.warning("preemption_agreed", step=state.global_step, save=control.should_save)
-        elif due_anywhere:
+        elif due:
             control.should_save = True
         if control.should_save:
             self._save_started = now

@@ -35,7 +35,7 @@ def test_measured_save_that_fits_finishes_the_step() -> None:
         time.sleep(0.05)
         assert h.requested and h.save_planned and h.signal_name == "SIGINT"
         assert h.save_cost(include_step=True) == 9
-        assert h.confirm_save_at_step_end() is True
+        assert h.save_fits(h.save_cost(include_step=False)) is True
     finally:
         h.uninstall()
 
@@ -56,7 +56,7 @@ def test_step_that_runs_long_drops_the_planned_save() -> None:
     try:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.7)  # the step took longer than measured: 2 s of save no longer fit
-        assert h.confirm_save_at_step_end() is False
+        assert h.save_fits(h.save_cost(include_step=False)) is False
     finally:
         h.uninstall()
 
@@ -70,3 +70,20 @@ def test_after_training_a_signal_always_stops_at_once() -> None:
             time.sleep(1)
     finally:
         h.uninstall()
+
+
+def test_deferred_handler_never_abandons_a_step_and_a_peer_adopts_the_earliest_signal() -> None:
+    """With several ranks the handler only records; a rank that was not signalled adopts the peer's age."""
+    h = handler(30)  # unmeasured: alone, it would stop at once
+    h.defer_to_step_end = True
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert h.requested and h.seconds_since_signal() >= 0.05
+    finally:
+        h.uninstall()
+    peer = PreemptionHandler(30, Measurements())
+    assert peer.seconds_since_signal() == -1.0
+    peer.adopt("SIGTERM on a peer rank", seconds_ago=10.0)
+    assert peer.requested and 30 - 10 - SAFETY_SECONDS - 0.5 < peer.remaining() <= 30 - 10 - SAFETY_SECONDS
+    assert peer.save_fits(None) is False and peer.save_fits(5.0) is True and peer.save_fits(25.0) is False
