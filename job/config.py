@@ -164,6 +164,12 @@ class TrainConfig:
     """Layers that recompute when `activation_checkpointing` is on: `auto` (the planner recomputes as few as fit
     the GPU, none when all fit), `all`, or `every_N` (every N-th layer)."""
 
+    @property
+    def fsdp(self) -> bool:
+        """`train.fsdp: true` (or a legacy option string such as "full_shard auto_wrap")."""
+        value = self.extra.get("fsdp")
+        return bool(value) and str(value).strip().lower() not in ("false", "0", "no", "none")
+
     def __post_init__(self) -> None:
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("train batch size and gradient_accumulation_steps must be at least 1")

@@ -169,27 +169,34 @@ def _step_transient(optimizer: str, shape: ModelShape, width: int) -> int:
     return 0
 
 
-def _memory(shape: ModelShape, dtype: torch.dtype, optimizer: str, batch: int, seq: int, ckpt: bool) -> dict[str, int]:
+def _memory(
+    shape: ModelShape, dtype: torch.dtype, optimizer: str, batch: int, seq: int, ckpt: bool, shards: int = 1
+) -> dict[str, int]:
     width = torch.empty((), dtype=dtype).element_size()
-    act = min(width, 4)
+    # FSDP computes in bf16 whatever the (float32) master shards are.
+    act = 2 if shards > 1 else min(width, 4)
     tokens = batch * seq
     parts = {
-        "weights": shape.parameters * width,
-        "gradients": shape.parameters * width,
-        "optimizer": optimizer_state_bytes(optimizer, shape.sizes, dtype),
+        "weights": shape.parameters * width // shards,
+        "gradients": shape.parameters * width // shards,
+        "optimizer": optimizer_state_bytes(optimizer, shape.sizes, dtype) // shards,
         "activations": activation_bytes(shape, tokens, act, ckpt),
         "loss_head": loss_head_bytes(shape, tokens, act),
     }
+    if shards > 1:  # the layer being computed and the next one (prefetch) are gathered whole, in bf16
+        parts["weights"] += 2 * 2 * shape.parameters // max(shape.layers, 1)
     dynamic = parts["activations"] + parts["loss_head"]
-    transient = _step_transient(optimizer, shape, width)
+    transient = _step_transient(optimizer, shape, width) // shards
     parts["overhead"] = FIXED_OVERHEAD + int(FRAGMENTATION * dynamic) + max(0, transient - dynamic)
     parts["total"] = sum(parts.values())
     return parts
 
 
-def _advice(shape: ModelShape, dtype: torch.dtype, optimizer: str, batch: int, seq: int, ckpt: bool, gpu: int) -> list:
+def _advice(
+    shape: ModelShape, dtype: torch.dtype, optimizer: str, batch: int, seq: int, ckpt: bool, shards: int, gpu: int
+) -> list:
     def fits(**change: Any) -> dict[str, int] | None:
-        args = {"optimizer": optimizer, "batch": batch, "seq": seq, "ckpt": ckpt, **change}
+        args = {"optimizer": optimizer, "batch": batch, "seq": seq, "ckpt": ckpt, "shards": shards, **change}
         mem = _memory(shape, dtype, **args)
         return mem if mem["total"] <= gpu else None
 
@@ -199,7 +206,7 @@ def _advice(shape: ModelShape, dtype: torch.dtype, optimizer: str, batch: int, s
             f"set train.activation_checkpointing=true (total {mem['total'] / GiB:.1f} GiB; ~1/3 more compute)"
         )
     current = optimizer_state_bytes(optimizer, shape.sizes, dtype)
-    for name in _QUALITY_ORDER:
+    for name in _QUALITY_ORDER if shards == 1 else ():  # ours are not offered under FSDP (unverified there)
         if (
             name != optimizer
             and optimizer_state_bytes(name, shape.sizes, dtype) < current
@@ -217,7 +224,7 @@ def _advice(shape: ModelShape, dtype: torch.dtype, optimizer: str, batch: int, s
     if shorter and not smaller:
         advice.append(f"set data.max_length={shorter} with per_device_train_batch_size=1")
     if not advice:
-        least = _memory(shape, dtype, "adamw_8bit_sr", 1, seq, True)["total"]
+        least = _memory(shape, dtype, "adamw_8bit_sr", 1, seq, True, shards)["total"]
         advice.append(
             f"even batch 1 with activation checkpointing and adamw_8bit_sr needs {least / GiB:.1f} GiB: use a GPU with"
             " more memory, or shard across GPUs with FSDP2 (accelerate)"
@@ -239,8 +246,13 @@ def make_plan(
     utilisation: float = DEFAULT_UTILISATION,
     dataset_tokens: int | None = None,
     epochs: float = 1.0,
+    world_size: int = 1,
+    sharded: bool = False,
 ) -> dict[str, Any]:
-    """Plan memory and time; see the module docstring for what each figure counts."""
+    """Plan memory and time; see the module docstring for what each figure counts.
+
+    `world_size` ranks train in parallel (the time divides); `sharded` (FSDP) also divides the weights,
+    gradients and optimizer states among them, plus two gathered layers; DDP replicates them."""
     config = load_model_config(model_config)
     shape = model_shape(config)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -254,10 +266,11 @@ def make_plan(
     if optimizer not in KNOWN_STATE_MODELS:  # another transformers name: assume AdamW-sized states
         modelled = "adamw_torch_fused"
         warnings.append(f"no memory model for {optimizer!r}: counted as two states in the weights' dtype")
-    args = (shape, torch_dtype, modelled, per_device_batch_size, seq_length, activation_checkpointing)
+    shards = world_size if sharded else 1
+    args = (shape, torch_dtype, modelled, per_device_batch_size, seq_length, activation_checkpointing, shards)
     memory = _memory(*args)
     fits = memory["total"] <= gpu_memory
-    if optimizer not in OUR_OPTIMIZERS and torch_dtype in (torch.bfloat16, torch.float16):
+    if optimizer not in OUR_OPTIMIZERS and torch_dtype in (torch.bfloat16, torch.float16) and shards == 1:
         warnings.append(
             f"{optimizer} with {torch_dtype} weights rounds away updates smaller than ~|w|/256: at lr 5e-6 most weights"
             " stop moving (docs/fidelity.md); use train.optim=adamw_kahan"
@@ -269,7 +282,7 @@ def make_plan(
     hardware_flops = flops.flops_per_token(
         fshape, shape.parameters, seq_length, embedding_params=shape.input_embedding, recompute=activation_checkpointing
     )
-    tps = utilisation * peak / hardware_flops if peak else None
+    tps = world_size * utilisation * peak / hardware_flops if peak else None  # all ranks together
     if gpu_name and not gpu_memory_bytes and not detected:
         warnings.append(f"GPU memory not given: assuming the 96 GB card's {DEFAULT_GPU_MEMORY >> 20:,} MiB")
     if peak is None:
@@ -292,7 +305,9 @@ def make_plan(
         "flops_per_token": {"model": model_flops, "hardware": hardware_flops},
         "assumed_utilisation": utilisation,
         "tokens_per_second_estimate": tps,
-        "mfu_estimate": tps * model_flops / peak if tps else None,
+        "mfu_estimate": tps * model_flops / (peak * world_size) if tps else None,
+        "world_size": world_size,
+        "sharded": sharded,
         "dataset_tokens": dataset_tokens,
         "epochs": epochs,
         "seconds_estimate": dataset_tokens * epochs / tps if dataset_tokens and tps else None,

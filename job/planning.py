@@ -56,7 +56,17 @@ def plan_job(
             gpu_memory_bytes=gpu_memory_bytes,
             dataset_tokens=dataset_tokens,
             epochs=epochs or 1.0,
+            world_size=world_size(config),
+            sharded=train.fsdp,
         )
+
+
+def world_size(config: JobConfig) -> int:
+    """The ranks this run trains on: the launcher's (when this is one of its ranks) or the config's."""
+    from job.distributed import ranks_from_env
+
+    ranks = ranks_from_env()
+    return ranks.world_size if ranks.distributed else config.distributed.world_size
 
 
 def refuse_if_it_cannot_fit(plan: dict[str, Any], force: bool) -> None:

@@ -54,12 +54,6 @@ def detect_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def fsdp_enabled(extra: dict[str, Any]) -> bool:
-    """`train.fsdp`: true (or a legacy option string such as "full_shard auto_wrap")."""
-    value = extra.get("fsdp")
-    return bool(value) and str(value).strip().lower() not in ("false", "0", "no", "none")
-
-
 def _fsdp_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """FSDP2 defaults: full shard, wrap each decoder layer (the model's `_no_split_modules`), FSDP's own
     activation checkpointing (Trainer's would add an all-gather), sharded checkpoints (each rank writes its
@@ -80,7 +74,7 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
     """SFTConfig from the `train:` section plus the fields the job owns."""
     train = config.train
     on_gpu = device == "cuda"
-    sharded = fsdp_enabled(train.extra)
+    sharded = train.fsdp
     if sharded and _is_ours(train.optim):
         raise ConfigError(
             f"train.optim {train.optim} is not verified on FSDP2's sharded parameters",

@@ -155,3 +155,25 @@ def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
     config = load_config(None, [*BASE, "train.learning_rate=1e-5", "train.eval_steps=3"], environ={})
     again = load_config(write_yaml(tmp_path, to_yaml(config)), [], environ={})
     assert again == config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("distributed.nnodes=2", "rdzv_endpoint is empty"),
+        ("distributed.rdzv_endpoint=no-port", "not host:port"),
+        ("distributed.nproc_per_node=0", "at least 1"),
+        ("distributed.collective_timeout_seconds=0", "timeouts must be positive"),
+    ],
+)
+def test_distributed_settings_are_checked(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*BASE, override], environ={})
+
+
+def test_world_size_from_the_environment_like_any_key() -> None:
+    env = {"SFT_DISTRIBUTED__NNODES": "2", "SFT_DISTRIBUTED__RDZV_ENDPOINT": "sft-node-0-0.sft:29400"}
+    config = load_config(None, [*BASE, "distributed.nproc_per_node=4"], environ=env)
+    assert config.distributed.world_size == 8 and config.distributed.rdzv_endpoint == "sft-node-0-0.sft:29400"
+    assert load_config(None, [*BASE, "train.fsdp=true"], environ={}).train.fsdp is True
+    assert load_config(None, [*BASE, "train.fsdp=false"], environ={}).train.fsdp is False

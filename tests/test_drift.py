@@ -43,3 +43,13 @@ def test_a_field_new_in_this_version_at_its_default_is_not_drift() -> None:
     del first["model"]["trust_remote_code"]
     assert config_drift(first, resolved()) == []
     assert config_drift(first, resolved("data.train_on=all")) == ["data.train_on: None -> 'all'"]
+
+
+def test_the_world_size_is_drift_but_the_rendezvous_is_not() -> None:
+    """The world size sets the global batch and who reads which examples: a resume must keep it."""
+    first = resolved()
+    assert config_drift(first, resolved("distributed.nproc_per_node=2")) == ["distributed.nproc_per_node: 1 -> 2"]
+    moved = resolved("distributed.rdzv_endpoint=other:29400", "distributed.collective_timeout_seconds=60")
+    assert config_drift(first, moved) == []
+    recorded_before_distributed_existed = {k: v for k, v in first.items() if k != "distributed"}
+    assert config_drift(recorded_before_distributed_existed, first) == []

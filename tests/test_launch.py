@@ -136,6 +136,19 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_launcher_reaches_every_rank_and_exits_75(tiny_model_dir, tmp_path) -> None:
+    """Kubernetes and `docker stop` signal PID 1's child: the launcher. It forwards; the ranks agree."""
+    job = JobProcess(*ddp_args(tmp_path, tiny_model_dir, "ddp-term"))
+    job.wait_for("checkpoint_committed", step=4)
+    job.signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 75
+    assert job.wait_for("launcher_signalled")["exit_code"] == 75
+    agreed = job.events("preemption_agreed")
+    assert sorted(line["rank"] for line in agreed) == [0, 1] and len({line["step"] for line in agreed}) == 1
+    assert job.wait_for("preempted", rank=0)["newest_durable_step"] == agreed[0]["step"]
+
+
+@pytest.mark.slow
 def test_a_rank_that_dies_takes_the_group_down_with_a_retryable_code(tiny_model_dir, tmp_path) -> None:
     job = JobProcess(*ddp_args(tmp_path, tiny_model_dir, "ddp-kill"))
     peer = job.wait_for("process_group_joined", rank=1)["pid"]

@@ -155,3 +155,17 @@ def test_activation_estimate_matches_saved_tensors() -> None:
     assert measured <= estimate <= 1.15 * measured
     kept = planner.activation_bytes(shape, batch * seq, 4, checkpointing=True)
     assert kept < planner.activation_bytes(shape, batch * seq, 4, checkpointing=False)
+
+
+def test_fsdp_divides_the_states_among_ranks_and_ddp_replicates_them() -> None:
+    one = planner.make_plan(MISTRAL_7B_V03, dtype="float32", optimizer="adamw_torch_fused")
+    ddp = planner.make_plan(MISTRAL_7B_V03, dtype="float32", optimizer="adamw_torch_fused", world_size=8)
+    fsdp = planner.make_plan(MISTRAL_7B_V03, dtype="float32", optimizer="adamw_torch_fused", world_size=8, sharded=True)
+    m1, m8 = one["memory_bytes"], fsdp["memory_bytes"]
+    assert ddp["memory_bytes"] == m1 and not one["fits"]  # float32 AdamW: ~112 GB, on every rank under DDP
+    assert m8["optimizer"] == m1["optimizer"] // 8 and m8["gradients"] == m1["gradients"] // 8
+    gathered = 2 * 2 * fsdp["parameters"] // 32  # two decoder layers' weights in bf16
+    assert m8["weights"] == m1["weights"] // 8 + gathered
+    assert fsdp["fits"] and m8["total"] < 24 * GiB
+    assert fsdp["tokens_per_second_estimate"] == pytest.approx(8 * one["tokens_per_second_estimate"])
+    assert fsdp["mfu_estimate"] == pytest.approx(one["mfu_estimate"])
