@@ -18,7 +18,9 @@ to agree on a last step, save if it fits, and exit, before it kills them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -44,10 +46,29 @@ def exit_code_for(failures: dict[int, int]) -> int:
     return UNEXPECTED_EXIT_CODE
 
 
+def hosts_rendezvous(endpoint: str | None, hostname: str | None = None) -> bool | None:
+    """True on the node named by the endpoint's first DNS label (a Kubernetes pod's hostname), else None.
+
+    torch decides by resolving the endpoint, which fails while the pod's own DNS record is not
+    published yet: pod 0 would then wait for a host that is itself."""
+    if not endpoint:
+        return None
+    host = endpoint.rsplit(":", 1)[0]
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return None  # an address: torch's own check compares it with this node's addresses
+    except ValueError:
+        pass
+    return True if host.split(".")[0] == (hostname or socket.gethostname()).split(".")[0] else None
+
+
 def launch_config(config: JobConfig) -> Any:
     from torch.distributed.launcher.api import LaunchConfig
 
     settings = config.distributed
+    rdzv_configs: dict[str, Any] = {"timeout": int(settings.setup_timeout_seconds)}
+    if hosts_rendezvous(settings.rdzv_endpoint):
+        rdzv_configs["is_host"] = True
     return LaunchConfig(
         min_nodes=settings.nnodes,
         max_nodes=settings.nnodes,
@@ -57,7 +78,7 @@ def launch_config(config: JobConfig) -> Any:
         rdzv_backend="c10d",
         # One node: torchrun --standalone's choice, a private store on a free port.
         rdzv_endpoint=settings.rdzv_endpoint or "localhost:0",
-        rdzv_configs={"timeout": int(settings.setup_timeout_seconds)},
+        rdzv_configs=rdzv_configs,
         max_restarts=0,  # a restart is the platform's (a new pod resumes from the newest checkpoint)
         monitor_interval=0.5,
         start_method="spawn",

@@ -89,3 +89,45 @@ def test_scratch_space_check_names_the_size_needed(tmp_path) -> None:
     with pytest.raises(ConfigError) as info:
         check_scratch_space(tmp_path, checkpoint_bytes=2**60, model_bytes_to_pull=0)
     assert "needs about" in str(info.value) and "GiB" in str(info.value) and info.value.exit_code == 64
+
+
+def test_nodes_upload_their_parts_and_node_0_commits_once_all_are_durable(store, tmp_path) -> None:
+    """Two nodes' uploaders: node 0's files alone do not commit; node 1's part completes the checkpoint."""
+    node0 = CheckpointUploader(store, keep=10, node_rank=0, nnodes=2, parts_timeout=30)
+    node0.submit(4, fake_checkpoint(tmp_path / "node0", 4))
+    assert not node0.wait(timeout=1.5)  # waiting for node 1's part
+    assert stored_checkpoints(store)[0] == []
+    node1_dir = tmp_path / "node1" / "checkpoint-4"
+    node1_dir.mkdir(parents=True)
+    (node1_dir / "rng_state_1.pth").write_bytes(b"r" * 10)
+    node1 = CheckpointUploader(store, keep=10, node_rank=1, nnodes=2)
+    node1.submit(4, node1_dir)
+    assert node1.close(timeout=30) and node1.error is None
+    assert node0.close(timeout=30) and node0.error is None
+    assert stored_checkpoints(store)[0] == [4]
+    names = {entry.name for entry in store.read_manifest(checkpoint_prefix(4)).files}
+    assert names == {"model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state_1.pth"}
+    assert prepare_resume(store, tmp_path / "resume") is not None  # verifies every node's file
+
+
+def test_a_node_whose_files_disagree_with_node_0_leaves_the_checkpoint_uncommitted(tmp_path) -> None:
+    store = LocalStore(tmp_path / "store")
+    node1_dir = fake_checkpoint(tmp_path / "node1", 8)
+    (node1_dir / "optimizer.pt").write_bytes(b"different")  # a shared scratch written twice, say
+    node1 = CheckpointUploader(store, keep=10, node_rank=1, nnodes=2)
+    node1.submit(8, node1_dir)
+    assert node1.close(timeout=30) and node1.error is None
+    node0 = CheckpointUploader(store, keep=10, node_rank=0, nnodes=2, parts_timeout=30)
+    node0.submit(8, fake_checkpoint(tmp_path / "node0", 8))
+    assert node0.close(timeout=30)
+    assert "other content than node 0" in str(node0.error)
+    assert stored_checkpoints(store)[0] == []
+
+
+def test_a_node_that_never_uploads_fails_the_commit_after_the_timeout(tmp_path) -> None:
+    store = LocalStore(tmp_path / "store")
+    node0 = CheckpointUploader(store, keep=10, node_rank=0, nnodes=3, parts_timeout=1.0)
+    node0.submit(4, fake_checkpoint(tmp_path / "node0", 4))
+    assert node0.close(timeout=30)
+    assert "node 1's checkpoint files did not arrive" in str(node0.error)
+    assert stored_checkpoints(store)[0] == []

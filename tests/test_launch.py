@@ -19,7 +19,7 @@ import pytest
 from conftest import JobProcess, cpu_run_args, run_job
 from job.config import load_config
 from job.errors import FATAL_EXIT_CODES
-from job.launch import SHUTDOWN_MARGIN_SECONDS, exit_code_for, launch_config
+from job.launch import SHUTDOWN_MARGIN_SECONDS, exit_code_for, hosts_rendezvous, launch_config
 
 DDP = (
     "--nproc-per-node", "2",
@@ -62,6 +62,14 @@ def test_launch_config_follows_the_config() -> None:
         environ={},
     )
     assert launch_config(multi).rdzv_endpoint == "node-0.sft:29400" and launch_config(multi).min_nodes == 2
+
+
+def test_the_pod_named_by_the_endpoint_hosts_the_rendezvous_without_waiting_for_its_dns_record() -> None:
+    endpoint = "sft-job-multinode-node-0-0.sft-job-multinode:29400"
+    assert hosts_rendezvous(endpoint, hostname="sft-job-multinode-node-0-0") is True
+    assert hosts_rendezvous(endpoint, hostname="sft-job-multinode-node-0-1") is None  # torch decides: a client
+    assert hosts_rendezvous("10.0.0.5:29400", hostname="sft-job-multinode-node-0-0") is None
+    assert hosts_rendezvous(None) is None
 
 
 @pytest.fixture(scope="module")
