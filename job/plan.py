@@ -330,6 +330,11 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"training   optimizer {plan['optimizer']}, batch {plan['per_device_batch_size']} x {plan['seq_length']}"
         f" tokens per device, activation checkpointing {ckpt}",
         f"gpu        {plan['gpu']['name']} ({_SOURCES[plan['gpu']['source']]}): {gpu:.2f} GiB",
+    ]
+    if plan.get("world_size", 1) > 1:
+        how = "FSDP: weights, gradients, optimizer states sharded" if plan["sharded"] else "DDP: each holds it all"
+        lines.append(f"ranks      {plan['world_size']} ({how}); memory below is per GPU, time for all")
+    lines += [
         "",
         f"  {'component':<18}{'GiB':>8}",
     ]
