@@ -48,7 +48,7 @@ from job.lease import Lease
 from job.logs import Heartbeat, get_logger, quiet_unless_main
 from job.metrics import MetricsLog, read_step_metrics
 from job.model import load_model
-from job.planning import plan_job, refuse_if_it_cannot_fit
+from job.planning import plan_job, refuse_if_it_cannot_fit, world_size
 from job.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
 from job.prepare import prepare, scratch_dir
 from job.status import record_failure
@@ -285,7 +285,7 @@ def _stage(
 
     facts = {
         "hardware": _hardware(),
-        "world_size": config.distributed.world_size,
+        "world_size": world_size(config),
         "preemptions_survived": max(len(store.list(STARTS_PREFIX)) - 1, 0),
         "wall_seconds_this_start": round(sum(v for v in timings.values() if isinstance(v, float)), 1),
         "torch": torch.__version__,
