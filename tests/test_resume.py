@@ -73,7 +73,11 @@ def test_sigkill_at_every_phase_of_a_save_on_s3(reference_run, tiny_model_dir, t
     """Each start is killed at a different point of a checkpoint's life; each restart recovers by itself."""
     _, reference_dir = reference_run
     output = f"{s3_bucket.uri}/runs"
-    args = [*cpu_run_args(tmp_path, tiny_model_dir, "killed", *CHECKPOINTING), "--set", f"run.output={output}"]
+    # A SIGKILLed start leaves its lease live until it lapses: a short TTL keeps the restarts quick.
+    args = [
+        *cpu_run_args(tmp_path, tiny_model_dir, "killed", *CHECKPOINTING),
+        *("--set", f"run.output={output}", "--set", "run.lease_ttl_seconds=10"),
+    ]
     # (fault for this start, the checkpoint it must resume from)
     plan = [
         ("mid_upload@8", None),  # dies with half of checkpoint 8 uploaded: 4 is the newest committed
@@ -85,6 +89,7 @@ def test_sigkill_at_every_phase_of_a_save_on_s3(reference_run, tiny_model_dir, t
     removed = {}  # leftovers each start cleaned: what the previous crash left uncommitted
     for fault, expected_resume in plan:
         job = run_job(*args, env={"SFT_FAULTS": fault})
+        assert fault == plan[0][0] or job.events("lease_taken_over")  # the killed start's lease, waited out
         removed[fault] = [e["step"] for e in job.events("uncommitted_checkpoint_removed")]
         assert job.returncode == -signal.SIGKILL, (fault, job.events("job_failed"), job.stderr[-2000:])
         assert job.events("fault_injected")
@@ -97,6 +102,7 @@ def test_sigkill_at_every_phase_of_a_save_on_s3(reference_run, tiny_model_dir, t
             assert {e.name for e in manifest.files} | {MANIFEST_NAME} == names
     final = run_job(*args)
     assert final.returncode == 0, final.stderr[-3000:]
+    assert final.events("lease_taken_over")
     assert final.events("resuming")[0]["step"] == 16
     # half of 8 (mid_upload), all of 12 but its manifest, 8's files after its manifest was retired
     assert removed == {
