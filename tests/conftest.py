@@ -123,6 +123,15 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     return result, tmp / "outputs" / "reference"
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a rendezvous or a process group)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class JobProcess:
     """`entrypoint.py` running in the background, its JSON log lines collected as they arrive."""
 

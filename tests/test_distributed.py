@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import pytest
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from job.config import DistributedConfig
 from job.distributed import Group, Ranks, is_worker, ranks_from_env
 
@@ -32,12 +32,6 @@ def test_ranks_come_from_the_launchers_environment() -> None:
     assert (ranks.rank, ranks.local_rank, ranks.node_rank, ranks.nnodes) == (5, 1, 1, 2)
     assert not ranks.is_main and not ranks.is_local_main and ranks.local_main_rank == 4
     assert Ranks(rank=4, world_size=8, local_rank=0, local_world_size=4).is_local_main
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(local_rank: int, port: int, results: dict) -> None:
@@ -82,7 +76,7 @@ def _worker(local_rank: int, port: int, results: dict) -> None:
 def test_a_two_rank_group_gathers_sums_and_stays_interruptible() -> None:
     manager = mp.Manager()
     results = manager.dict()
-    mp.start_processes(_worker, args=(_free_port(), results), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(free_port(), results), nprocs=2, start_method="spawn", join=True)
     zero, one = results[0], results[1]
     assert [g["rank"] for g in zero["gathered"]] == [0, 1]
     assert zero["gathered"] == one["gathered"] and len(one["gathered"][1]["blob"]) == 1010

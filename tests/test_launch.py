@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import JobProcess, cpu_run_args, run_job
+from conftest import JobProcess, cpu_run_args, free_port, run_job
 from job.config import load_config
 from job.errors import FATAL_EXIT_CODES
 from job.launch import SHUTDOWN_MARGIN_SECONDS, exit_code_for, hosts_rendezvous, launch_config
@@ -178,16 +177,10 @@ def test_bad_data_on_rank_0_is_the_pods_exit_code_not_the_peers_broken_barrier(t
     assert failed and failed[0]["rank"] == 0 and "bad.jsonl:2" in failed[0]["error"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_nodes_upload_their_own_files_and_node_0_commits_them_together(tiny_model_dir, tmp_path) -> None:
     """Two launchers on loopback, one rank each, each with its own scratch: the multi-node protocol."""
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     common = [
         *cpu_run_args(tmp_path, tiny_model_dir, "two-nodes"),
         "--set", "train.max_steps=8",
