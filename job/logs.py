@@ -78,11 +78,6 @@ def _bridge_third_party(json_mode: bool, level_name: str) -> None:
     """Make library loggers propagate to our root handler instead of printing their own way."""
     # Library INFO lines are chatty; keep them at WARNING unless we debug.
     library_level = logging.DEBUG if level_name == "DEBUG" else logging.WARNING
-    for name in THIRD_PARTY_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers = []
-        logger.propagate = True
-        logger.setLevel(library_level)
     try:
         import transformers
 
@@ -104,6 +99,13 @@ def _bridge_third_party(json_mode: bool, level_name: str) -> None:
             datasets.disable_progress_bars()
     except ImportError:  # pragma: no cover
         pass
+    # After the imports above: huggingface_hub and torch add their own stderr handlers when imported,
+    # which would print every library line twice (once plain, once ours).
+    for name in THIRD_PARTY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
+        logger.setLevel(library_level)
     if json_mode:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
