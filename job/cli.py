@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -254,7 +256,15 @@ def _read_remote_config(uri: str) -> str:
     return read_text(uri)
 
 
+def _preempted_before_start(signum: int, frame: Any) -> None:
+    raise SystemExit(Preempted.exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
+    # Until the run installs its own handler (after seconds of imports), SIGTERM still means "preempted":
+    # exit 75, not -15, which Kubernetes would count as a crash.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _preempted_before_start)
     _ARGV[:] = sys.argv[1:] if argv is None else argv
     log_format = os.environ.get("SFT_LOG_FORMAT", "").lower()
     setup_logging(json_mode={"json": True, "console": False}.get(log_format))

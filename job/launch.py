@@ -5,7 +5,7 @@ process starts the ranks (subprocesses running the same command line; they find 
 rank in the environment and train), and maps their exit codes to one:
 
     a rank exited with a fatal code (64, 65, 66, 70, 77)  -> that code (the lowest rank's)
-    else a rank exited 75 (preempted), or the launcher itself was signalled  -> 75
+    else a rank exited 75 (preempted) or died of SIGTERM, or the launcher was signalled  -> 75
     else (a rank crashed, was killed, or a node never joined)  -> 1, retryable
 
 `torchrun` would exit 1 whenever a child fails, 75s included, so a Kubernetes
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -41,7 +42,8 @@ def exit_code_for(failures: dict[int, int]) -> int:
     fatal = [code for code in codes if code in FATAL_EXIT_CODES]
     if fatal:
         return fatal[0]
-    if Preempted.exit_code in codes:
+    # -SIGTERM: a rank signalled before it had installed its handler, i.e. preempted as well.
+    if any(code in (Preempted.exit_code, -signal.SIGTERM) for code in codes):
         return Preempted.exit_code
     return UNEXPECTED_EXIT_CODE
 

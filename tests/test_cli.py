@@ -77,3 +77,24 @@ def test_validate_reports_statistics_as_json(tmp_path: Path) -> None:
     assert report["optimizer_steps_per_epoch"] == 30
     assert not result.events("model_loaded")  # no weights were loaded
     assert not (tmp_path / "o").exists()  # validate writes nothing to the store
+
+
+def test_sigterm_during_start_up_imports_exits_75_not_minus_15(tmp_path: Path) -> None:
+    """The run's own handler comes after seconds of imports; a preemption in them is still a preemption."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "SFT_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "entrypoint.py"), "validate", "--set", f"data.train={DEMO_TRAIN}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1.0)  # inside setup_logging's library imports on this machine
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75

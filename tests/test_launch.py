@@ -40,7 +40,8 @@ def test_the_pods_exit_code_keeps_the_root_cause() -> None:
     assert exit_code_for({0: 75, 1: 70}) == 70  # a fatal error is never retried as a preemption
     assert exit_code_for({3: 64, 1: 77}) == 77  # several fatal: the lowest rank's
     assert exit_code_for({0: -9}) == 1  # killed (OOM killer, node loss): retryable, counted
-    assert exit_code_for({0: -15, 1: 1}) == 1
+    assert exit_code_for({0: -15, 1: 1}) == 75  # SIGTERM before the rank's handler: preempted too
+    assert exit_code_for({0: -6, 1: 1}) == 1  # aborted (e.g. NCCL watchdog)
     assert set(FATAL_EXIT_CODES) == {64, 65, 66, 70, 77}
 
 
