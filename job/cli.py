@@ -266,6 +266,17 @@ def main(argv: list[str] | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _preempted_before_start)
     _ARGV[:] = sys.argv[1:] if argv is None else argv
+    try:
+        code = _run(argv)
+    except SystemExit as exc:  # the handler above, during start-up
+        code = exc.code if isinstance(exc.code, int) else UNEXPECTED_EXIT_CODE
+    from job.distributed import record_outcome
+
+    record_outcome(code)  # as one of several ranks: when and how this rank ended, for the launcher
+    sys.exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     log_format = os.environ.get("SFT_LOG_FORMAT", "").lower()
     setup_logging(json_mode={"json": True, "console": False}.get(log_format))
     try:
@@ -280,4 +291,4 @@ def main(argv: list[str] | None = None) -> None:
         code = ConfigError.exit_code
     except click.Abort:
         code = Preempted.exit_code
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0

@@ -13,20 +13,23 @@ Two process groups, two timeouts:
   tokenizing, publishing), with `setup_timeout_seconds`. Those barriers are awaited
   in a Python loop so that a SIGTERM during a long wait is handled at once.
 
+torch is imported only where a group is used: the CLI records outcomes without it.
+
 Ranks on one node are contiguous (torchelastic's assignment): the node's first rank is
 `rank - local_rank`, and it pulls the node's inputs while the others wait.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import os
 import pickle
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
-
-import torch
 
 from job.config import DistributedConfig
 from job.errors import JobError
@@ -64,6 +67,31 @@ class Ranks:
     @property
     def local_main_rank(self) -> int:
         return self.rank - self.local_rank
+
+
+OUTCOMES_ENV = "SFT_RANK_OUTCOMES"
+"""Set by our launcher: a directory where each rank records how and when it ended."""
+
+
+def record_outcome(exit_code: int, environ: os._Environ[str] | dict[str, str] = os.environ) -> None:
+    """As a rank of our launcher: write `rank-<R>.json` (exit code, wall time) just before exiting.
+
+    The launcher orders failures by these times: the elastic agent also reports the ranks it tore
+    down after the first failure, and a torn-down rank exits 75 or 1 like a root cause would."""
+    directory, rank = environ.get(OUTCOMES_ENV), environ.get("RANK")
+    if not directory or rank is None:
+        return
+    with contextlib.suppress(OSError):  # the outcome only sharpens the launcher's exit code
+        Path(directory, f"rank-{rank}.json").write_text(json.dumps({"exit_code": exit_code, "time": time.time()}))
+
+
+def read_outcomes(directory: Path) -> dict[int, float]:
+    """{rank: wall time it ended} for the ranks that recorded an outcome."""
+    ended = {}
+    for path in directory.glob("rank-*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            ended[int(path.stem.removeprefix("rank-"))] = float(json.loads(path.read_text())["time"])
+    return ended
 
 
 def is_worker(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
@@ -104,6 +132,7 @@ class Group:
         ranks = ranks_from_env()
         if not ranks.distributed:
             return cls.single()
+        import torch
         import torch.distributed as dist
 
         adopt_torch_loggers()
@@ -146,6 +175,7 @@ class Group:
         """Every rank's `value`, by rank (setup group; small picklable values)."""
         if not self.distributed:
             return [value]
+        import torch
         import torch.distributed as dist
 
         data = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
@@ -178,6 +208,7 @@ class Group:
     def _all_reduce(self, values: list[float], op: str) -> list[float]:
         if not self.distributed:
             return [float(v) for v in values]
+        import torch
         import torch.distributed as dist
 
         tensor = torch.tensor(values, dtype=torch.float64)

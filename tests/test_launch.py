@@ -35,14 +35,26 @@ def ddp_args(tmp: Path, model_dir: Path, name: str, *extra: str) -> list[str]:
 
 
 def test_the_pods_exit_code_keeps_the_root_cause() -> None:
-    assert exit_code_for({1: 65, 0: 1}) == 65  # rank 0 died on the broken collective; rank 1's bad data is why
-    assert exit_code_for({0: 75, 1: 1}) == 75  # preempted before training; the peer's barrier broke
-    assert exit_code_for({0: 75, 1: 70}) == 70  # a fatal error is never retried as a preemption
+    # {rank: exit code}, {rank: when it ended}: the agent reports the ranks it tore down too.
+    assert exit_code_for({1: 65, 0: 1}, {1: 10.0, 0: 10.5}) == 65  # rank 0's broken collective; bad data is why
+    assert exit_code_for({0: 1, 1: 65}, {0: 9.0, 1: 10.0}) == 65  # a fatal code wins whenever it came
     assert exit_code_for({3: 64, 1: 77}) == 77  # several fatal: the lowest rank's
-    assert exit_code_for({0: -9}) == 1  # killed (OOM killer, node loss): retryable, counted
-    assert exit_code_for({0: -15, 1: 1}) == 75  # SIGTERM before the rank's handler: preempted too
-    assert exit_code_for({0: -6, 1: 1}) == 1  # aborted (e.g. NCCL watchdog)
+    assert exit_code_for({0: 75, 1: 1}, {0: 10.0, 1: 10.2}) == 75  # preempted before training; peer's barrier broke
+    assert exit_code_for({0: 1, 1: 75}, {0: 10.0, 1: 10.2}) == 1  # a bug on rank 0; rank 1 torn down by SIGTERM
+    assert exit_code_for({1: -9, 0: 75}, {0: 10.2}) == 1  # SIGKILL (OOM killer, node loss); rank 0 torn down
+    assert exit_code_for({0: -6, 1: 1}, {1: 10.0}) == 1  # aborted (e.g. the NCCL watchdog)
+    assert exit_code_for({0: 75, 1: 75}, {0: 10.0, 1: 10.0}) == 75  # both stopped at the agreed step
+    assert exit_code_for({0: -15, 1: 75}) == 75  # SIGTERM before the rank's handler: preempted too
     assert set(FATAL_EXIT_CODES) == {64, 65, 66, 70, 77}
+
+
+def test_ranks_record_when_they_end_for_the_launcher(tmp_path: Path) -> None:
+    from job.distributed import OUTCOMES_ENV, read_outcomes, record_outcome
+
+    record_outcome(75, {OUTCOMES_ENV: str(tmp_path), "RANK": "1"})
+    record_outcome(1, {"RANK": "0"})  # not under our launcher: nothing written
+    ended = read_outcomes(tmp_path)
+    assert list(ended) == [1] and abs(ended[1] - time.time()) < 60
 
 
 def test_launch_config_follows_the_config() -> None:
