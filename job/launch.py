@@ -106,9 +106,6 @@ def launch_config(config: JobConfig) -> Any:
 
 def launch(config: JobConfig, argv: Sequence[str]) -> int:
     """Run `python -m job <argv>` on every rank; the ranks' outcome as one exit code."""
-    from torch.distributed.launcher.api import elastic_launch  # noqa: F401 - torch adds its log handlers here
-
-    adopt_torch_loggers()
     settings = config.distributed
     outcomes = Path(tempfile.mkdtemp(prefix="sft-ranks-"))
     os.environ[OUTCOMES_ENV] = str(outcomes)  # inherited by the ranks
@@ -133,6 +130,7 @@ def _launch_and_map(config: JobConfig, argv: Sequence[str], outcomes: Path) -> i
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import elastic_launch
 
+    adopt_torch_loggers()  # torch.distributed, just imported, added its own stderr handlers
     settings = config.distributed
     try:
         elastic_launch(launch_config(config), entrypoint=sys.executable)("-m", "job", *argv)
