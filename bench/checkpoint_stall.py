@@ -34,7 +34,7 @@ def build_model(directory: Path) -> int:
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from job.demo import write_tokenizer
+    from job.model.tiny import write_tokenizer
 
     config = MistralConfig(
         vocab_size=32768,

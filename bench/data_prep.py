@@ -6,7 +6,7 @@ JSONL file and prepares them for training with the real Mistral v3 tokenizer, th
 - TRL: `datasets.load_dataset("json")` then `SFTTrainer` preparation with `assistant_only_loss=True`
   and `packing=True` (best-fit decreasing), given the shipped Mistral v3 template with
   `{% generation %}` markers around each assistant turn so it builds the assistant masks itself;
-- ours, cold: `job.prepare.prepare` from an empty scratch: hash, read and validate every record,
+- ours, cold: `job.data.prepare.prepare` from an empty scratch: hash, read and validate every record,
   tokenize with template-agnostic masks, pack (best-fit decreasing), save the Arrow cache;
 - ours, cache hit: the same call again (a restart).
 
@@ -55,7 +55,7 @@ def write_conversations(path: Path, count: int, seed: int) -> None:
 
 def generation_marked_template() -> str:
     """The shipped Mistral v3 template with each assistant turn's text (and its EOS) in a generation block."""
-    from job.masking import default_chat_template
+    from job.data.masking import default_chat_template
 
     plain = default_chat_template()
     turn = '{{- " " + message["content"] + eos_token }}'
@@ -86,8 +86,8 @@ def trl_prepare(path: Path, model_dir: Path, work: Path, *, max_length: int, num
 
 
 def our_prepare(path: Path, model_dir: Path, scratch: Path, *, max_length: int, num_proc: int, packing: bool):
-    from job.config import load_config
-    from job.prepare import prepare
+    from job.config.schema import load_config
+    from job.data.prepare import prepare
 
     config = load_config(
         None,
@@ -124,8 +124,8 @@ def main() -> None:
     os.environ.setdefault("SFT_LOG_LEVEL", "WARNING")
     packing = not options.no_packing
 
-    from job.demo import ensure_tiny_model
     from job.logs import setup_logging
+    from job.model.tiny import ensure_tiny_model
 
     setup_logging(json_mode=False, level="WARNING")
     with tempfile.TemporaryDirectory(prefix="data-prep-bench-") as temporary:

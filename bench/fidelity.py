@@ -8,7 +8,7 @@ weights) on the same synthetic token batches, with the same seed, steps and cons
 
 - `seed`: the published recipe as transformers v5 runs it - weights loaded in bf16 (`dtype="auto"`)
   and `optim="adamw_torch_fused"`, i.e. `torch.optim.AdamW(fused=True)` with bf16 m and v.
-- `adamw_kahan` (the job's default), `adamw_8bit_sr`, `adamw_fp32_master`: `job.optim`, bf16 weights.
+- `adamw_kahan` (the job's default), `adamw_8bit_sr`, `adamw_fp32_master`: `job.optim.adamw`, bf16 weights.
 - `fp32`: fp32 weights and `torch.optim.AdamW` - the reference.
 
 It prints, side by side: the fraction of weights that changed at all, cos(ΔW, ΔW_fp32) over all
@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from job.optim import build_optimizer
+from job.optim.adamw import build_optimizer
 
 RECIPES = ("seed", "adamw_kahan", "adamw_8bit_sr", "adamw_fp32_master", "fp32")
 _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}

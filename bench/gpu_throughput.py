@@ -10,13 +10,13 @@ sequence lengths 2048 and 4096, a few warm-up and timed optimizer steps each for
 
 - `seed`: the seed recipe - bf16 weights, `torch.optim.AdamW(fused=True)` (bf16 states, as transformers v5
   loads `dtype="auto"`), every layer recomputed, transformers' default attention (sdpa);
-- `default`: the job's default - `job.optim.DEFAULT_OPTIMIZER` plus the fast-path choices `job.fastpath`
+- `default`: the job's default - `job.optim.adamw.DEFAULT_OPTIMIZER` plus the fast-path choices `job.train.fastpath`
   makes for this card (attention, TF32, how many layers recompute as the planner sizes them).
 
 Both use batch 2 x gradient accumulation 8 (the seed recipe's), gradient clipping at 1.0, and TRL's
 chunked LM head when `trl` is importable (as the job does; else the model's own loss with full logits,
 recorded as `loss_head`). Sequences are full-length random tokens, so padding-free packing changes
-nothing here and is not measured. It prints tokens/s, MFU, HFU (`job.flops` conventions) and peak
+nothing here and is not measured. It prints tokens/s, MFU, HFU (`job.plan.flops` conventions) and peak
 memory per run as a short table last, and writes every figure as JSON. A run that runs out of memory
 is recorded as `oom`; the default recipe then retries with every layer recomputed.
 
@@ -49,8 +49,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job import flops
-from job.fastpath import (
+from job.optim.adamw import DEFAULT_OPTIMIZER, build_optimizer
+from job.plan import flops
+from job.plan.memory import MISTRAL_7B_V03
+from job.train.fastpath import (
     MEMORY_TARGET,
     DeviceInfo,
     FastPath,
@@ -63,8 +65,6 @@ from job.fastpath import (
     installed_packages,
     recomputed_fraction,
 )
-from job.optim import DEFAULT_OPTIMIZER, build_optimizer
-from job.plan import MISTRAL_7B_V03
 
 MiB, GiB = 1 << 20, 1 << 30
 CARD_96GB_MIB = 97_887

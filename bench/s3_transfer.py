@@ -83,7 +83,7 @@ class Contenders:
     """The two ways to move the directory; each call returns (wall seconds, client CPU s, server CPU s)."""
 
     def __init__(self, aws: list[str], server_pid: int, checksums: str) -> None:
-        from job.config import StorageConfig
+        from job.config.schema import StorageConfig
         from job.storage.s3 import S3Store
 
         self.aws, self.server_pid = aws, server_pid

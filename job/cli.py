@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
-from job.config import JobConfig, load_config, to_yaml
+from job.config.reference import reference_rows
+from job.config.schema import JobConfig, load_config, to_yaml
 from job.errors import UNEXPECTED_EXIT_CODE, ConfigError, JobError, Preempted
 from job.logs import bind_run, get_logger, setup_logging
-from job.reference import reference_rows
 
 log = get_logger("job.cli")
 
@@ -96,10 +96,10 @@ def train(
     overrides += tuple(f"distributed.{key}={value}" for key, value in flags.items() if value is not None)
 
     def action(config: JobConfig) -> int:
-        from job.distributed import is_worker
+        from job.dist.group import is_worker
 
         if config.distributed.world_size > 1 and not is_worker():
-            from job.launch import launch
+            from job.dist.launch import launch
 
             return launch(config, _ARGV)
         from job.run import train as run_train
@@ -117,7 +117,7 @@ def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool)
     """Check the config and every data record (file:line on errors); loads no weights, trains nothing."""
 
     def action(config: JobConfig) -> int:
-        from job.prepare import validate as run_validate
+        from job.data.prepare import validate as run_validate
 
         report = run_validate(config)
         if as_json:
@@ -142,12 +142,12 @@ def plan(
     """Memory and time estimate for the GPU, from the model's config.json alone (no weights loaded)."""
 
     def action(config: JobConfig) -> int:
-        from job.plan import render_plan
-        from job.planning import plan_job
+        from job.plan.job_plan import plan_job
+        from job.plan.memory import render_plan
 
         tokens = None
         if with_data:
-            from job.prepare import prepare
+            from job.data.prepare import prepare
 
             tokens = prepare(config).train.tokens
         memory = int(gpu_memory_gib * 2**30) if gpu_memory_gib else None
@@ -170,7 +170,7 @@ def status(run_uri: str | None, config_path: str | None, overrides: tuple[str, .
     """
 
     def show(store: Any) -> int:
-        from job.status import render_status, run_status
+        from job.publish.status import render_status, run_status
 
         report = run_status(store)
         click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         code = _run(argv)
     except SystemExit as exc:  # the handler above, during start-up
         code = exc.code if isinstance(exc.code, int) else UNEXPECTED_EXIT_CODE
-    from job.distributed import record_outcome
+    from job.dist.group import record_outcome
 
     record_outcome(code)  # as one of several ranks: when and how this rank ended, for the launcher
     sys.exit(code)

@@ -11,7 +11,7 @@
 
 `validate` runs the same first half and stops before the weights.
 
-With several ranks (`job.launch` started them) every rank runs this story, with one
+With several ranks (`job.dist.launch` started them) every rank runs this story, with one
 writer: rank 0 holds the lease, records the config, metrics and starts, commits
 checkpoints and publishes; rank 0 prepares the inputs first, then each other node's
 first rank (reading rank 0's tokenization from the store), then the remaining ranks
@@ -30,7 +30,11 @@ from typing import Any
 import torch
 import yaml
 
-from job.checkpoints import (
+from job.config.drift import config_drift
+from job.config.schema import JobConfig, redacted, to_yaml
+from job.data.prepare import prepare, scratch_dir
+from job.dist.group import Group
+from job.durability.checkpoints import (
     CheckpointUploader,
     UploadResult,
     check_scratch_space,
@@ -39,19 +43,15 @@ from job.checkpoints import (
     prepare_resume,
     stored_checkpoints,
 )
-from job.config import JobConfig, redacted, to_yaml
-from job.distributed import Group
-from job.drift import config_drift
+from job.durability.lease import Lease
+from job.durability.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
 from job.errors import ConfigError, JobError, Preempted, TrainingFailed
-from job.export import FINAL_PREFIX, publish_final, stage_final
-from job.lease import Lease
 from job.logs import Heartbeat, get_logger, quiet_unless_main
-from job.metrics import MetricsLog, read_step_metrics
-from job.model import load_model
-from job.planning import plan_job, refuse_if_it_cannot_fit, world_size
-from job.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
-from job.prepare import prepare, scratch_dir
-from job.status import record_failure
+from job.model.load import load_model
+from job.plan.job_plan import plan_job, refuse_if_it_cannot_fit, world_size
+from job.publish.export import FINAL_PREFIX, publish_final, stage_final
+from job.publish.metrics import MetricsLog, read_step_metrics
+from job.publish.status import record_failure
 from job.storage import AlreadyExists, Store, open_store
 
 log = get_logger(__name__)
@@ -159,7 +159,7 @@ def _train(
         prepared = _prepare_in_turn(config, store, group)
     timings["prepare_seconds"] = beat.stop()
 
-    from job.train import CheckpointCallback, build_trainer, detect_device
+    from job.train.trainer import CheckpointCallback, build_trainer, detect_device
 
     work = scratch_dir(config) / "runs" / config.run.name
     trainer_dir = work / "trainer"
@@ -281,7 +281,7 @@ def _stage(
     state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Card (with curves and run facts), metrics, weights and tokenizer in a staging directory."""
-    from job.card import plot_curves, render_card
+    from job.publish.card import plot_curves, render_card
 
     facts = {
         "hardware": _hardware(),
@@ -332,7 +332,7 @@ def _same_resume_step_everywhere(group: Group, resume: tuple[int, Path] | None) 
 
 
 def _flops_budget(plan: dict[str, Any], device: str) -> Any:
-    from job.train import FlopsBudget
+    from job.train.trainer import FlopsBudget
 
     peak = plan["gpu"]["peak_bf16_flops"]
     if device != "cuda" or not peak or plan["gpu"]["source"] != "detected":

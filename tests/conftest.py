@@ -47,7 +47,7 @@ def _restore_logging():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builtin tiny Mistral (real Mistral v3 tokenizer), built once per session."""
-    from job.demo import ensure_tiny_model
+    from job.model.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-mistral")
 

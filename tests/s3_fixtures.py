@@ -26,7 +26,7 @@ from typing import Any
 import boto3
 import pytest
 
-from job.config import StorageConfig
+from job.config.schema import StorageConfig
 from job.storage import s3_client
 
 REGION = "us-east-1"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from job.checkpoints import (
+from job.durability.checkpoints import (
     CheckpointUploader,
     check_scratch_space,
     checkpoint_prefix,
@@ -15,8 +15,8 @@ from job.checkpoints import (
     stored_checkpoints,
 )
 from job.errors import ConfigError
-from job.manifest import MANIFEST_NAME
 from job.storage import LocalStore, open_store
+from job.storage.manifest import MANIFEST_NAME
 
 
 def fake_checkpoint(root: Path, step: int, size: int = 1000) -> Path:

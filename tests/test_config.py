@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from job.config import SECTION_TYPES, JobConfig, load_config, to_yaml
+from job.config.reference import reference_rows
+from job.config.schema import SECTION_TYPES, JobConfig, load_config, to_yaml
 from job.errors import ConfigError
-from job.reference import reference_rows
 
 BASE = ["data.train=train.jsonl"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from job.data import load_dataset, split_for_eval
+from job.data.read import load_dataset, split_for_eval
 from job.errors import DataError, InputNotFound
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

@@ -10,8 +10,8 @@ import pytest
 import torch.multiprocessing as mp
 
 from conftest import free_port
-from job.config import DistributedConfig
-from job.distributed import Group, Ranks, is_worker, ranks_from_env
+from job.config.schema import DistributedConfig
+from job.dist.group import Group, Ranks, is_worker, ranks_from_env
 
 
 def test_a_single_process_is_not_a_worker_and_its_group_does_nothing() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from job.config import load_config, to_yaml
-from job.drift import config_drift
+from job.config.drift import config_drift
+from job.config.schema import load_config, to_yaml
 
 BASE = ["data.train=train.jsonl"]
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from job import fastpath
-from job.config import JobConfig, build_config
+from job.config.schema import JobConfig, build_config
 from job.errors import ConfigError
-from job.fastpath import CheckpointBudget, DeviceInfo, FastPathInputs, decide
+from job.train import fastpath
+from job.train.fastpath import CheckpointBudget, DeviceInfo, FastPathInputs, decide
 
 GiB = 1 << 30
 CARD = 97_887 << 20  # the 96 GB card as it reports itself
@@ -314,7 +314,7 @@ def test_apply_activation_checkpointing_sets_layer_flags() -> None:
 
 
 def test_build_sft_config_takes_the_fast_path(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from job.train import build_sft_config
+    from job.train.trainer import build_sft_config
 
     monkeypatch.setattr(fastpath, "log_once", lambda fast: None)
     selective = build_sft_config(job_config(activation_checkpointing_layers="every_2"), tmp_path, "cpu", has_eval=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from job import flops
+from job.plan import flops
 
 MISTRAL_7B = 7_248_023_552
 MISTRAL_EMBEDDING = 32768 * 4096

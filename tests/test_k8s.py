@@ -202,7 +202,7 @@ def test_worst_case_counts_per_crash_model():
 
 
 def test_lease_assumption_matches_the_job(overlay):
-    config_mod = pytest.importorskip("job.config", reason="the job package holds the lease TTL default")
+    config_mod = pytest.importorskip("job.config.schema", reason="the job package holds the lease TTL default")
     assert config_mod.RunConfig().lease_ttl_seconds == LEASE_TTL_S, "re-derive backoffLimit for the new TTL"
     docs = render(overlay)
     _, config = config_file(docs, the_job(docs))
@@ -409,7 +409,7 @@ def test_image_is_pinned(overlay):
 
 
 def test_shipped_config_validates_with_the_job_loader(overlay, tmp_path):
-    config_mod = pytest.importorskip("job.config", reason="the job package is needed to load the config")
+    config_mod = pytest.importorskip("job.config.schema", reason="the job package is needed to load the config")
     docs = render(overlay)
     job = the_job(docs)
     env = literal_env(train_container(job))

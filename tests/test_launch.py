@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import JobProcess, cpu_run_args, free_port, run_job
-from job.config import load_config
+from job.config.schema import load_config
+from job.dist.launch import SHUTDOWN_MARGIN_SECONDS, exit_code_for, hosts_rendezvous, launch_config
 from job.errors import FATAL_EXIT_CODES
-from job.launch import SHUTDOWN_MARGIN_SECONDS, exit_code_for, hosts_rendezvous, launch_config
 
 DDP = (
     "--nproc-per-node", "2",
@@ -49,7 +49,7 @@ def test_the_pods_exit_code_keeps_the_root_cause() -> None:
 
 
 def test_ranks_record_when_they_end_for_the_launcher(tmp_path: Path) -> None:
-    from job.distributed import OUTCOMES_ENV, read_outcomes, record_outcome
+    from job.dist.group import OUTCOMES_ENV, read_outcomes, record_outcome
 
     record_outcome(75, {OUTCOMES_ENV: str(tmp_path), "RANK": "1"})
     record_outcome(1, {"RANK": "0"})  # not under our launcher: nothing written

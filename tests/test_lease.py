@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from job.durability.lease import LEASE_KEY, Lease, LeaseRecord
 from job.errors import StorageUnavailable
-from job.lease import LEASE_KEY, Lease, LeaseRecord
 from job.storage import LocalStore, open_store
 
 

@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from job.data import Example, load_dataset
-from job.errors import DataError
-from job.masking import (
+from job.data.masking import (
     IGNORE_INDEX,
     ChatRenderer,
     SpanFinder,
@@ -23,6 +21,8 @@ from job.masking import (
     tokenize_examples,
     tokenize_one,
 )
+from job.data.read import Example, load_dataset
+from job.errors import DataError
 
 CONVERSATION = (
     {"role": "system", "content": "Be brief."},

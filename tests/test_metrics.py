@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from job.metrics import METRICS_PREFIX, MetricsLog, read_step_metrics
+from job.publish.metrics import METRICS_PREFIX, MetricsLog, read_step_metrics
 from job.storage import LocalStore
 
 

@@ -10,9 +10,9 @@ import pytest
 import requests
 from huggingface_hub import errors as hub
 
-from job.config import ModelConfig, StorageConfig
+from job.config.schema import ModelConfig, StorageConfig
 from job.errors import AccessDenied, ConfigError, InputNotFound, StorageUnavailable
-from job.model import ModelSource, hub_errors, load_model, load_tokenizer, resolve_source
+from job.model.load import ModelSource, hub_errors, load_model, load_tokenizer, resolve_source
 
 
 def response(status: int) -> requests.Response:

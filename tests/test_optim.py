@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from job import optim
-from job.optim import OUR_OPTIMIZERS, build_optimizer, is_ours, trainer_optimizer
+from job.optim import adamw as optim
+from job.optim.adamw import OUR_OPTIMIZERS, build_optimizer, is_ours, trainer_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

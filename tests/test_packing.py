@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from job.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from job.data import Example
+from job.config.schema import DataConfig, JobConfig, ModelConfig, TrainConfig
+from job.data.masking import IGNORE_INDEX, apply_chat_template_choice
+from job.data.packing import best_fit_decreasing, pack_dataset
+from job.data.read import Example
+from job.data.splits import tokenize_split
 from job.errors import DataError
-from job.masking import IGNORE_INDEX, apply_chat_template_choice
-from job.packing import best_fit_decreasing, pack_dataset
-from job.splits import tokenize_split
-from job.train import JobTrainer, build_sft_config
+from job.train.trainer import JobTrainer, build_sft_config
 
 WORDS = ["the", "capital", "of", "Ruritania", "is", "Strelsau", "and", "Syldavia", "has", "Klow", "its", "seat"]
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from job import plan as planner
-from job.optim import OUR_OPTIMIZERS, build_optimizer
-from job.plan import MISTRAL_7B_V03
+from job.optim.adamw import OUR_OPTIMIZERS, build_optimizer
+from job.plan import memory as planner
+from job.plan.memory import MISTRAL_7B_V03
 
 GiB = 1 << 30
 

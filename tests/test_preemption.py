@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from job.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
+from job.durability.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
 
 
 def handler(grace: float, **measured: float) -> PreemptionHandler:

@@ -13,10 +13,10 @@ from structlog.testing import capture_logs
 from test_tokenize_cache import chat_records, events, job_config, rows
 
 from conftest import write_jsonl
-from job.data import load_dataset
+from job.data.masking import tokenize_examples
+from job.data.prepare import prepare, validate
+from job.data.read import load_dataset
 from job.errors import DataError
-from job.masking import tokenize_examples
-from job.prepare import prepare, validate
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -102,7 +102,7 @@ def test_eval_fraction_is_seeded_and_eval_files_are_separate(tmp_path, tiny_mode
 
 
 def test_worker_processes_give_the_same_dataset(tmp_path, tiny_model_dir, monkeypatch) -> None:
-    monkeypatch.setattr("job.splits.EXAMPLES_PER_PROCESS", 10)  # 2 workers for 60 examples
+    monkeypatch.setattr("job.data.splits.EXAMPLES_PER_PROCESS", 10)  # 2 workers for 60 examples
     train = write_jsonl(tmp_path / "train.jsonl", [*chat_records(30), *long_and_short(30)])
     one = prepare(job_config(tmp_path, tiny_model_dir, train, "data.cache=false"))
     with capture_logs() as logs:
@@ -128,7 +128,7 @@ def test_bad_data_fails_before_the_model_is_resolved(tmp_path) -> None:
 
 
 def test_eval_steps_alone_turns_on_step_evaluation(tmp_path, tiny_model_dir) -> None:
-    from job.train import build_sft_config
+    from job.train.trainer import build_sft_config
 
     train = write_jsonl(tmp_path / "train.jsonl", chat_records(4))
     args = build_sft_config(

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import JobProcess, cpu_run_args, run_job
-from job.checkpoints import checkpoint_prefix, stored_checkpoints
-from job.manifest import MANIFEST_NAME
+from job.durability.checkpoints import checkpoint_prefix, stored_checkpoints
 from job.storage import open_store
+from job.storage.manifest import MANIFEST_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def test_sigterm_without_budget_exits_at_once_and_second_signal_too(tiny_model_d
     assert job.wait() == 75
     assert job.events("second_signal_exiting_now") or job.events("preempted")
     manifest = store.read_manifest(checkpoint_prefix(4))
-    from job.manifest import verify_directory
+    from job.storage.manifest import verify_directory
 
     assert verify_directory(tmp_path / "outputs" / "tight" / checkpoint_prefix(4), manifest) == []
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import DEMO_EVAL, cpu_run_args, run_job
-from job.data import load_dataset
-from job.manifest import Manifest, sha256_file
-from job.masking import IGNORE_INDEX, tokenize_examples
+from job.data.masking import IGNORE_INDEX, tokenize_examples
+from job.data.read import load_dataset
+from job.storage.manifest import Manifest, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def answer_loss(model_dir: Path) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.chat_template is None:  # the base model has none; the job used its shipped default
-        from job.masking import default_chat_template
+        from job.data.masking import default_chat_template
 
         tokenizer.chat_template = default_chat_template()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -91,8 +91,8 @@ def test_metrics_and_card(reference_run) -> None:
 
 
 def test_card_plot_covers_exactly_the_logged_steps(reference_run) -> None:
-    from job.card import PLOT_NAME, plot_curves
-    from job.metrics import read_step_metrics
+    from job.publish.card import PLOT_NAME, plot_curves
+    from job.publish.metrics import read_step_metrics
     from job.storage import LocalStore
 
     _, run_dir = reference_run

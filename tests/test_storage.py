@@ -8,11 +8,11 @@ import multiprocessing
 import pytest
 from structlog.testing import capture_logs
 
-from job.config import StorageConfig
+from job.config.schema import StorageConfig
 from job.errors import ConfigError, DataError, InputNotFound
-from job.manifest import MANIFEST_NAME, verify_directory
 from job.storage import AlreadyCommitted, AlreadyExists, LocalStore, ObjectInfo, fetch_input, open_store, read_text
 from job.storage.base import ETagMismatch, delete_order, plan_pull
+from job.storage.manifest import MANIFEST_NAME, verify_directory
 from job.storage.progress import Progress
 
 

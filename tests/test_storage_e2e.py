@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DEMO_EVAL, DEMO_TRAIN, REPO, run_job
-from job.manifest import MANIFEST_NAME, Manifest
+from job.storage.manifest import MANIFEST_NAME, Manifest
 
 pytestmark = pytest.mark.slow
 

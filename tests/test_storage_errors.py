@@ -18,10 +18,10 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
 
-from job.config import StorageConfig
+from job.config.schema import StorageConfig
 from job.errors import AccessDenied, InputNotFound, StorageUnavailable
-from job.manifest import MANIFEST_NAME
 from job.storage import fetch_input, open_store
+from job.storage.manifest import MANIFEST_NAME
 from job.storage.s3 import S3Store, pull_uri
 from s3_fixtures import aws_env
 
@@ -276,7 +276,7 @@ def test_retried_single_put_still_gets_the_right_manifest(s3_bucket, s3_settings
     """A retried PutObject reads its body twice; the manifest's sha256 must still be the file's."""
     import hashlib
 
-    from job.manifest import Manifest
+    from job.storage.manifest import Manifest
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_bytes(b'{"a": 1}' * 1000)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from job.config import StorageConfig
+from job.config.schema import StorageConfig
 from job.errors import DataError, InputNotFound
-from job.manifest import MANIFEST_NAME, Manifest, verify_directory
 from job.storage import AlreadyCommitted, AlreadyExists, fetch_input, open_store, read_text
 from job.storage.base import ETagMismatch
+from job.storage.manifest import MANIFEST_NAME, Manifest, verify_directory
 from job.storage.s3 import S3Store, pull_uri
 from job.storage.s3_sync import PULL_RECORD, hash_file
 

@@ -9,11 +9,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from conftest import write_jsonl
-from job.config import JobConfig, load_config
+from job.config.schema import JobConfig, load_config
+from job.data.cache import tokenizer_digest
+from job.data.prepare import prepare
 from job.errors import DataError
-from job.prepare import prepare
 from job.storage import LocalStore
-from job.tokenize_cache import tokenizer_digest
 
 
 def chat_records(count: int, offset: int = 0) -> list[dict]:
@@ -65,8 +65,8 @@ def test_restart_reuses_the_cache_without_reading_or_tokenizing(tmp_path, tiny_m
     def forbidden(*args, **kwargs):
         raise AssertionError("the data was read or tokenized again")
 
-    monkeypatch.setattr("job.prepare.tokenize_split", forbidden)
-    monkeypatch.setattr("job.prepare.load_dataset", forbidden)
+    monkeypatch.setattr("job.data.prepare.tokenize_split", forbidden)
+    monkeypatch.setattr("job.data.prepare.load_dataset", forbidden)
     with capture_logs() as logs:
         again = prepare(config, store=store)  # same node: scratch
     assert again.cache_hit and events(logs, "tokenize_cache_hit")[0]["where"] == "scratch"

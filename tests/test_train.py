@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from job import fastpath
-from job.config import load_config
+from job.config.schema import load_config
 from job.errors import ConfigError
-from job.train import build_sft_config
+from job.train import fastpath
+from job.train.trainer import build_sft_config
 
 BASE = ["data.train=train.jsonl", "model.dtype=float32"]
 

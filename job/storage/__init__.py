@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from job.config import StorageConfig
+from job.config.schema import StorageConfig
 from job.errors import InputNotFound
 from job.storage.base import AlreadyCommitted, AlreadyExists, ETagMismatch, ObjectInfo, Store, join_key
 from job.storage.local import LocalStore

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from job.errors import DataError, JobError
-from job.manifest import MANIFEST_NAME, Manifest, build_manifest
+from job.storage.manifest import MANIFEST_NAME, Manifest, build_manifest
 
 MAX_NAME_BYTES = 255
 

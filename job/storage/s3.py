@@ -17,9 +17,8 @@ import structlog
 from boto3.s3.transfer import create_transfer_manager
 from botocore.exceptions import ClientError
 
-from job.config import StorageConfig
+from job.config.schema import StorageConfig
 from job.errors import InputNotFound, JobError
-from job.manifest import Manifest
 from job.storage import s3_sync
 from job.storage.base import (
     AlreadyExists,
@@ -30,6 +29,7 @@ from job.storage.base import (
     join_key,
     safe_relative_path,
 )
+from job.storage.manifest import Manifest
 from job.storage.progress import Progress
 from job.storage.s3_client import (
     Connection,

@@ -27,7 +27,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from s3transfer.exceptions import RetriesExceededError
 
-from job.config import StorageConfig
+from job.config.schema import StorageConfig
 from job.errors import AccessDenied, ConfigError, InputNotFound, JobError, StorageUnavailable
 
 log = structlog.get_logger(__name__)

@@ -24,8 +24,8 @@ from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import ChunksizeAdjuster
 
 from job.errors import JobError
-from job.manifest import MANIFEST_NAME, FileEntry, Manifest
 from job.storage.base import AlreadyCommitted, ObjectInfo, commit_manifest, join_key, plan_pull, safe_relative_path
+from job.storage.manifest import MANIFEST_NAME, FileEntry, Manifest
 from job.storage.progress import Progress
 from job.storage.s3_client import translate_errors
 

@@ -23,20 +23,20 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
-from job import faults
-from job.checkpoints import CheckpointUploader
-from job.config import JobConfig
-from job.distributed import Group
+from job.config.schema import JobConfig
+from job.data.masking import IGNORE_INDEX
+from job.dist.group import Group
+from job.durability import faults
+from job.durability.checkpoints import CheckpointUploader
+from job.durability.preemption import PreemptionHandler
 from job.errors import ConfigError, StorageUnavailable, TrainingFailed
 from job.logs import get_logger
-from job.masking import IGNORE_INDEX
-from job.preemption import PreemptionHandler
 
 log = get_logger(__name__)
 
 
 def _is_ours(name: str) -> bool:
-    from job.optim import is_ours
+    from job.optim.adamw import is_ours
 
     return is_ours(name)
 
@@ -119,7 +119,9 @@ def build_sft_config(config: JobConfig, output_dir: Path, device: str, *, has_ev
         "ddp_timeout": int(config.distributed.collective_timeout_seconds),
         "ddp_find_unused_parameters": False,  # a causal LM uses every parameter each step; the search costs time
     }
-    from job.fastpath import choose_fast_path  # TF32, activation checkpointing, compile for this GPU (logged once)
+    from job.train.fastpath import (
+        choose_fast_path,  # TF32, activation checkpointing, compile for this GPU (logged once)
+    )
 
     kwargs.update(choose_fast_path(config, device).sft_kwargs())
     kwargs.update(train.extra)
@@ -423,7 +425,7 @@ def build_trainer(
     flops_budget: FlopsBudget | None = None,
     group: Group | None = None,
 ) -> tuple[JobTrainer, StepMetrics]:
-    from job.optim import is_ours, trainer_optimizer
+    from job.optim.adamw import is_ours, trainer_optimizer
 
     args = build_sft_config(config, output_dir, device, has_eval=eval_dataset is not None)
     metrics = StepMetrics(sink=sink, flops=flops_budget, group=group or Group.single())

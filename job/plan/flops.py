@@ -1,6 +1,6 @@
 """FLOP accounting for decoder-only training: peak bf16 FLOP/s per GPU, FLOPs per token, MFU and HFU.
 
-Kept free of the trainer so that the planner (`job.plan`) and the step metrics can both import it.
+Kept free of the trainer so that the planner (`job.plan.memory`) and the step metrics can both import it.
 
 API:
 

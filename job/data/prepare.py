@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
-from job.data import Dataset, file_digests, list_data_files, load_dataset, split_for_eval
+from job.config.schema import JobConfig
+from job.data.cache import TokenizeCache, fingerprint, tokenizer_digest
+from job.data.masking import apply_chat_template_choice, resolve_chat_template
+from job.data.read import Dataset, file_digests, list_data_files, load_dataset, split_for_eval
+from job.data.splits import MAX_LISTED, DataSplit, steps_per_epoch, tokenize_split
 from job.errors import DataError, JobError
 from job.logs import get_logger
-from job.masking import apply_chat_template_choice, resolve_chat_template
-from job.model import ModelSource, load_tokenizer, resolve_source
-from job.splits import MAX_LISTED, DataSplit, steps_per_epoch, tokenize_split
+from job.model.load import ModelSource, load_tokenizer, resolve_source
 from job.storage import AlreadyExists, Store, fetch_input
-from job.tokenize_cache import TokenizeCache, fingerprint, tokenizer_digest
 
 log = get_logger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from job.errors import JobError
 from job.logs import get_logger
-from job.manifest import Manifest
 from job.storage import Store
+from job.storage.manifest import Manifest
 
 log = get_logger(__name__)
 
@@ -44,7 +44,7 @@ def stage_final(
     (staging / "README.md").write_text(card, encoding="utf-8")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if figure is not None:
-        from job.card import write_plot
+        from job.publish.card import write_plot
 
         write_plot(figure, staging)
     pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]

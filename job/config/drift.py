@@ -25,7 +25,7 @@ def config_drift(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]
     A field the recording version did not have, now at its default, is not drift: upgrading
     the image mid-run must not strand a run.
     """
-    from job.config import JobConfig
+    from job.config.schema import JobConfig
 
     defaults = JobConfig().to_dict()
     changes = []

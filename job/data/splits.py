@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from job.config import DataConfig, TrainConfig
-from job.data import Example
+from job.config.schema import DataConfig, TrainConfig
+from job.data.masking import Tokenize, describe_example, examples_to_columns
+from job.data.packing import pack_dataset, packing_summary
+from job.data.read import Example
 from job.errors import DataError
 from job.logs import get_logger
-from job.masking import Tokenize, describe_example, examples_to_columns
-from job.packing import pack_dataset, packing_summary
 
 log = get_logger(__name__)
 

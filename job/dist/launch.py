@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from job.config import JobConfig
-from job.distributed import OUTCOMES_ENV, read_outcomes
+from job.config.schema import JobConfig
+from job.dist.group import OUTCOMES_ENV, read_outcomes
 from job.errors import FATAL_EXIT_CODES, UNEXPECTED_EXIT_CODE, Preempted
 from job.logs import adopt_torch_loggers, get_logger
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from job import __version__
-from job.config import JobConfig, to_yaml
+from job.config.schema import JobConfig, to_yaml
 
 PLOT_NAME = "training_curves.png"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from job.config import ENV_PREFIX, SECTION_TYPES, JobConfig
+from job.config.schema import ENV_PREFIX, SECTION_TYPES, JobConfig
 
 
 @cache

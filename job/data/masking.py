@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from job.data import Example
+from job.data.read import Example
 from job.errors import ConfigError, DataError
 from job.logs import get_logger
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from job.checkpoints import checkpoint_prefix, stored_checkpoints
+from job.durability.checkpoints import checkpoint_prefix, stored_checkpoints
+from job.durability.lease import LEASE_KEY, LeaseRecord
 from job.errors import InputNotFound
-from job.export import FINAL_PREFIX
-from job.lease import LEASE_KEY, LeaseRecord
-from job.metrics import read_step_metrics
+from job.publish.export import FINAL_PREFIX
+from job.publish.metrics import read_step_metrics
 from job.storage import Store
 
 RESOLVED_CONFIG = "config.resolved.yaml"

@@ -16,7 +16,7 @@ The estimate, per part (GiB = 2³⁰ bytes; N parameters; T = batch × sequence 
 a = activation bytes, 2 for 16-bit weights, 4 for fp32; h hidden, I MLP width, L layers, V vocab):
 
 - weights N × dtype bytes; gradients the same (Trainer keeps them in the weights' dtype);
-  optimizer `job.optim.optimizer_state_bytes` - all three exact (tests compare real tensors).
+  optimizer `job.optim.adamw.optimizer_state_bytes` - all three exact (tests compare real tensors).
 - activations, for Mistral/Llama-like decoders in transformers (RMSNorm upcasts to fp32; SDPA
   flash/memory-efficient attention keeps no s×s scores), bytes per token per layer: two norms
   2·(4h + 2a·h) [fp32 input, normalised, output] + attention 4a·h + 4·heads [q, k, v, output, fp32
@@ -32,7 +32,7 @@ a = activation bytes, 2 for 16-bit weights, 4 for fp32; h hidden, I MLP width, L
   fragmentation) + what the optimizer step allocates beyond the then-freed activations
   (`adamw_torch` foreach: one state-sized temporary; fused: none; ours: bounded chunks).
 
-Time: tokens/s = utilisation × peak bf16 FLOP/s / hardware FLOPs per token (`job.flops`: 8N' with
+Time: tokens/s = utilisation × peak bf16 FLOP/s / hardware FLOPs per token (`job.plan.flops`: 8N' with
 recomputation, 6N' without, plus the attention term). `utilisation` is an assumed hardware FLOP
 utilisation (default 0.40); `mfu_estimate` is the MFU it implies. Optimizer-step time is not counted.
 """
@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 
-from job import flops
-from job.optim import CHUNK, DEFAULT_OPTIMIZER, KNOWN_STATE_MODELS, OUR_OPTIMIZERS, optimizer_state_bytes
+from job.optim.adamw import CHUNK, DEFAULT_OPTIMIZER, KNOWN_STATE_MODELS, OUR_OPTIMIZERS, optimizer_state_bytes
+from job.plan import flops
 
 GiB = 1 << 30
 MiB = 1 << 20

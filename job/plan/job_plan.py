@@ -1,4 +1,4 @@
-"""`plan` for a job config: find the model's config.json without its weights, then `job.plan.make_plan`.
+"""`plan` for a job config: find the model's config.json without its weights, then `job.plan.memory.make_plan`.
 
 `train` asks the same question before loading weights and refuses (exit 64) a configuration
 that cannot fit, unless `--force`.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from job.config import JobConfig
+from job.config.schema import JobConfig
 from job.errors import ConfigError
 from job.logs import get_logger
 
@@ -18,8 +18,8 @@ log = get_logger(__name__)
 
 def model_config_source(config: JobConfig) -> Any:
     """A config dict, a directory or a Hub id for `make_plan`, fetching only config.json."""
-    from job.model import resolve_source
-    from job.prepare import scratch_dir
+    from job.data.prepare import scratch_dir
+    from job.model.load import resolve_source
     from job.storage import is_remote, open_store
 
     source = config.model.source
@@ -36,13 +36,13 @@ def plan_job(
     gpu_memory_bytes: int | None = None,
     dataset_tokens: int | None = None,
 ) -> dict[str, Any]:
-    from job.plan import make_plan
+    from job.plan.memory import make_plan
 
     train = config.train
     epochs = train.num_train_epochs
     if train.max_steps > 0 and dataset_tokens:
         epochs = 0.0  # stated in steps: the time follows from steps, not from the dataset
-    from job.model import ModelSource, hub_errors
+    from job.model.load import ModelSource, hub_errors
 
     source = model_config if model_config is not None else model_config_source(config)
     with hub_errors(ModelSource(str(source), "hub", config.model.revision)):
@@ -63,7 +63,7 @@ def plan_job(
 
 def world_size(config: JobConfig) -> int:
     """The ranks this run trains on: the launcher's (when this is one of its ranks) or the config's."""
-    from job.distributed import ranks_from_env
+    from job.dist.group import ranks_from_env
 
     ranks = ranks_from_env()
     return ranks.world_size if ranks.distributed else config.distributed.world_size

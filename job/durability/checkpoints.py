@@ -32,12 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import faults
+from job.durability import faults
 from job.errors import ConfigError, JobError
 from job.logs import get_logger
-from job.manifest import MANIFEST_NAME, Manifest, build_manifest, verify_directory
 from job.storage import LocalStore, Store, join_key
 from job.storage.base import commit_manifest
+from job.storage.manifest import MANIFEST_NAME, Manifest, build_manifest, verify_directory
 
 log = get_logger(__name__)
 

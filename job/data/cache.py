@@ -28,8 +28,8 @@ from typing import Any
 
 from job.errors import JobError
 from job.logs import get_logger
-from job.manifest import MANIFEST_NAME, build_manifest, verify_directory
 from job.storage import AlreadyCommitted, AlreadyExists, Store, join_key
+from job.storage.manifest import MANIFEST_NAME, build_manifest, verify_directory
 
 log = get_logger(__name__)
 

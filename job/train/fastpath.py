@@ -34,7 +34,7 @@ kernel `cu_seq_lens`, so no mask is built; with `sdpa`, `eager` or `flex_attenti
 rebuilds a block-diagonal mask from the restarted `position_ids` (`masking_utils.find_packed_sequence_indices`)
 - correct, but a dense mask keeps SDPA on its memory-efficient kernel instead of flash.
 
-Activation checkpointing (`train.activation_checkpointing_layers: auto`): the planner (`job.plan`)
+Activation checkpointing (`train.activation_checkpointing_layers: auto`): the planner (`job.plan.memory`)
 estimates peak memory with all layers recomputed and with none; the fast path keeps as many layers'
 activations as fit under `MEMORY_TARGET` of the card, through transformers 5's
 `activation_checkpointing_kwargs={"every_n_layers": n}` (every n-th decoder layer recomputes).
@@ -385,7 +385,7 @@ def checkpoint_budget(
     if model_config is None:
         return None, "model config unknown to the planner"
     if planner is None:
-        from job.plan import make_plan as planner
+        from job.plan.memory import make_plan as planner
     common = {
         "dtype": dtype,
         "optimizer": optimizer,

@@ -3,7 +3,7 @@
 Files: `.jsonl`, `.json` (an array of records, or JSON Lines under that name),
 `.parquet`, and gzip- or zstd-compressed JSON/JSONL (`.gz`, `.zst`); one file
 or a directory of them, read in sorted order. Formats and their checks live
-in `job.formats`. Up to `max_invalid` bad records are skipped and returned
+in `job.data.formats`. Up to `max_invalid` bad records are skipped and returned
 for the run's report; more, or none left, is a DataError (exit 65) listing
 them.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from job.data.formats import Example, describe_unknown, detect_format, parse_record
 from job.errors import DataError, InputNotFound
-from job.formats import Example, describe_unknown, detect_format, parse_record
 from job.logs import get_logger
 
 __all__ = ["Dataset", "Example", "file_digests", "list_data_files", "load_dataset", "split_for_eval"]
@@ -265,7 +265,7 @@ def split_for_eval(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
 
 def file_digests(files: list[Path], root: Path | None = None) -> dict[str, str]:
     """sha256 of each data file, named relative to `root` (for the model card, drift check and cache key)."""
-    from job.manifest import sha256_file
+    from job.storage.manifest import sha256_file
 
     if root is None:  # the historical naming: the bare name of a single file, else the full path
         return {file.name if len(files) == 1 else str(file): sha256_file(file) for file in files}

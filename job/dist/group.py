@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from job.config import DistributedConfig
+from job.config.schema import DistributedConfig
 from job.errors import JobError
 from job.logs import adopt_torch_loggers, get_logger
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from job.convert import coerce
+from job.config.convert import coerce
 from job.errors import ConfigError
 
 ENV_PREFIX = "SFT_"
@@ -72,7 +72,7 @@ class ModelConfig:
     attn_implementation: str | None = None
     """Attention kernel (`sdpa`, `eager`, `flash_attention_2`); empty lets transformers choose."""
     tf32: bool | None = None
-    """TF32 for fp32 matmuls on Ampere or newer GPUs; empty: on wherever the GPU has it (`job.fastpath`)."""
+    """TF32 for fp32 matmuls on Ampere or newer GPUs; empty: on wherever the GPU has it (`job.train.fastpath`)."""
     compile: bool = False
     """`torch.compile` the model (Trainer's `torch_compile`): minutes of compilation first; GPU only."""
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from job.config import ModelConfig, StorageConfig
-from job.demo import BUILTIN_PREFIX, TINY_MISTRAL, ensure_tiny_model
+from job.config.schema import ModelConfig, StorageConfig
 from job.errors import AccessDenied, ConfigError, InputNotFound, StorageUnavailable
 from job.logs import get_logger
+from job.model.tiny import BUILTIN_PREFIX, TINY_MISTRAL, ensure_tiny_model
 from job.storage import fetch_input, is_remote
 
 log = get_logger(__name__)
@@ -146,7 +146,7 @@ def load_model(source: ModelSource, model: ModelConfig, device: str) -> Any:
     kwargs = _hub_kwargs(source, model)
     kwargs["dtype"] = getattr(torch, model.dtype)
     kwargs["use_safetensors"] = True
-    from job.fastpath import choose_attention  # installed kernels only, chosen for this GPU (job.fastpath)
+    from job.train.fastpath import choose_attention  # installed kernels only, chosen for this GPU (job.train.fastpath)
 
     kwargs["attn_implementation"] = choose_attention(model, device, source.location)
     with hub_errors(source):
