@@ -2,7 +2,8 @@
 
 `SFT_FAULTS=mid_upload@4,mid_retention@8` kills the process at those points for those steps,
 leaving the store exactly as a crash there would (`mid_retention@N`: while retiring checkpoint N);
-`nan_loss@N` poisons step N's loss.
+`nan_loss@N` poisons step N's loss; `sigterm@N` sends SIGTERM to this process at the end of step N
+(a preemption at an exact step, for in-process tests).
 Unset in production: every call is a no-op.
 """
 
@@ -16,7 +17,7 @@ from job.logs import get_logger
 
 log = get_logger(__name__)
 
-POINTS = ("after_local_save", "mid_upload", "before_manifest", "mid_retention", "nan_loss")
+POINTS = ("after_local_save", "mid_upload", "before_manifest", "mid_retention", "nan_loss", "sigterm")
 
 
 @cache
@@ -41,3 +42,9 @@ def maybe_kill(point: str, step: int) -> None:
         for handler in __import__("logging").getLogger().handlers:
             handler.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_terminate(step: int) -> None:
+    if armed("sigterm", step):
+        log.warning("fault_injected", point="sigterm", step=step)
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -354,6 +354,7 @@ class CheckpointCallback(TrainerCallback):
         self._step_started = time.monotonic()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        faults.maybe_terminate(state.global_step)
         now = time.monotonic()
         self.preemption.measured.step_seconds = now - self._step_started
         # One decision for all ranks from one small all-reduce (max): the earliest signal on any rank, rank 0's
