@@ -86,7 +86,7 @@ def trl_prepare(path: Path, model_dir: Path, work: Path, *, max_length: int, num
 
 
 def our_prepare(path: Path, model_dir: Path, scratch: Path, *, max_length: int, num_proc: int, packing: bool):
-    from job.config.schema import load_config
+    from job.config.load import load_config
     from job.data.prepare import prepare
 
     config = load_config(

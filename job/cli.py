@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
+from job.config.load import load_config, to_yaml
 from job.config.reference import reference_rows
-from job.config.schema import JobConfig, load_config, to_yaml
+from job.config.schema import JobConfig
 from job.errors import UNEXPECTED_EXIT_CODE, ConfigError, JobError, Preempted
 from job.logs import bind_run, get_logger, setup_logging
 

@@ -31,8 +31,9 @@ import torch
 import yaml
 
 from job.config.drift import config_drift
-from job.config.schema import JobConfig, redacted, to_yaml
-from job.data.prepare import prepare, scratch_dir
+from job.config.load import redacted, to_yaml
+from job.config.schema import JobConfig, scratch_dir
+from job.data.prepare import prepare
 from job.dist.group import Group
 from job.durability.checkpoints import (
     CheckpointUploader,

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from job.config.load import load_config, to_yaml
 from job.config.reference import reference_rows
-from job.config.schema import SECTION_TYPES, JobConfig, load_config, to_yaml
+from job.config.schema import SECTION_TYPES, JobConfig
 from job.errors import ConfigError
 
 BASE = ["data.train=train.jsonl"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from job.config.drift import config_drift
-from job.config.schema import load_config, to_yaml
+from job.config.load import load_config, to_yaml
 
 BASE = ["data.train=train.jsonl"]
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from job.config.schema import JobConfig, build_config
+from job.config.load import build_config
+from job.config.schema import JobConfig
 from job.errors import ConfigError
 from job.train import fastpath
 from job.train.fastpath import CheckpointBudget, DeviceInfo, FastPathInputs, decide

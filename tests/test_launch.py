@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import JobProcess, cpu_run_args, free_port, run_job
-from job.config.schema import load_config
+from job.config.load import load_config
 from job.dist.launch import SHUTDOWN_MARGIN_SECONDS, exit_code_for, hosts_rendezvous, launch_config
 from job.errors import FATAL_EXIT_CODES
 

@@ -9,7 +9,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from conftest import write_jsonl
-from job.config.schema import JobConfig, load_config
+from job.config.load import load_config
+from job.config.schema import JobConfig
 from job.data.cache import tokenizer_digest
 from job.data.prepare import prepare
 from job.errors import DataError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from job.config.schema import load_config
+from job.config.load import load_config
 from job.errors import ConfigError
 from job.train import fastpath
 from job.train.trainer import build_sft_config

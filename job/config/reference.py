@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from job.config.schema import ENV_PREFIX, SECTION_TYPES, JobConfig
+from job.config.load import ENV_PREFIX
+from job.config.schema import SECTION_TYPES, JobConfig
 
 
 @cache

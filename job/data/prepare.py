@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from job.config.schema import JobConfig
+from job.config.schema import JobConfig, scratch_dir
 from job.data.cache import TokenizeCache, fingerprint, tokenizer_digest
 from job.data.masking import apply_chat_template_choice, resolve_chat_template
 from job.data.read import Dataset, file_digests, list_data_files, load_dataset, split_for_eval
@@ -29,11 +29,7 @@ from job.storage import AlreadyExists, Store, fetch_input
 
 log = get_logger(__name__)
 
-__all__ = ["DataSplit", "Prepared", "prepare", "scratch_dir", "validate"]
-
-
-def scratch_dir(config: JobConfig) -> Path:
-    return Path(config.run.scratch).absolute()
+__all__ = ["DataSplit", "Prepared", "prepare", "validate"]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from job.config.schema import JobConfig
+from job.config.schema import JobConfig, scratch_dir
 from job.errors import ConfigError
 from job.logs import get_logger
 
@@ -18,7 +18,6 @@ log = get_logger(__name__)
 
 def model_config_source(config: JobConfig) -> Any:
     """A config dict, a directory or a Hub id for `make_plan`, fetching only config.json."""
-    from job.data.prepare import scratch_dir
     from job.model.load import resolve_source
     from job.storage import is_remote, open_store
 

@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from job import __version__
-from job.config.schema import JobConfig, to_yaml
+from job.config.load import to_yaml
+from job.config.schema import JobConfig
 
 PLOT_NAME = "training_curves.png"
 
