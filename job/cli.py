@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from job.config.load import load_config, to_yaml
-from job.config.reference import reference_rows
+from job.config.reference import reference_page
 from job.config.schema import JobConfig
 from job.errors import UNEXPECTED_EXIT_CODE, ConfigError, JobError, Preempted
 from job.logs import bind_run, get_logger, setup_logging
@@ -143,8 +143,7 @@ def plan(
     """Memory and time estimate for the GPU, from the model's config.json alone (no weights loaded)."""
 
     def action(config: JobConfig) -> int:
-        from job.plan.job_plan import plan_job
-        from job.plan.memory import render_plan
+        from job.plan.memory import plan_job, render_plan
 
         tokens = None
         if with_data:
@@ -211,10 +210,8 @@ def show_config(config_path: str | None, overrides: tuple[str, ...], reference: 
 
 
 def config_reference_markdown() -> str:
-    lines = ["| key | default | environment variable | meaning |", "|---|---|---|---|"]
-    for key, default, env, doc in reference_rows():
-        lines.append(f"| `{key}` | `{default}` | `{env}` | {doc.replace('|', '/')} |")
-    return "\n".join(lines)
+    """docs/config.md (regenerate: `python entrypoint.py config --reference > docs/config.md`)."""
+    return reference_page()
 
 
 def _execute(config_path: str | None, overrides: tuple[str, ...], action: Callable[[JobConfig], int]) -> int:

@@ -253,9 +253,8 @@ def test_choose_fast_path_for_a_cpu_job_keeps_the_seed_behaviour(monkeypatch: py
     import job.logs
 
     monkeypatch.setattr(job.logs, "get_logger", lambda name: Recorder())
-    monkeypatch.setattr(fastpath, "_LOGGED", set())
     config = job_config()
-    fast = fastpath.choose_fast_path(config, "cpu")
+    fast = fastpath.choose_fast_path(config, fastpath.detect_device("cpu"))
     assert (fast.attn_implementation, fast.tf32, fast.compile) == ("sdpa", False, False)
     assert fast.sft_kwargs() == {
         "activation_checkpointing": True,
@@ -263,7 +262,6 @@ def test_choose_fast_path_for_a_cpu_job_keeps_the_seed_behaviour(monkeypatch: py
         "tf32": None,
         "torch_compile": False,
     }
-    fastpath.choose_fast_path(config, "cpu")  # same decision: not logged again
     assert [event for event, _ in lines] == ["fast_path"]
     fields = lines[0][1]
     assert fields["attention"] == "sdpa" and fields["activation_checkpointing"] == "full"
@@ -273,22 +271,23 @@ def test_choose_fast_path_for_a_cpu_job_keeps_the_seed_behaviour(monkeypatch: py
 def test_choose_fast_path_refuses_liger_fused_cross_entropy() -> None:
     config = job_config(use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": True})
     with pytest.raises(ConfigError, match=r"refused by TRL 1\.16"):
-        fastpath.choose_fast_path(config, "cpu")
+        fastpath.choose_fast_path(config, fastpath.detect_device("cpu"))
 
 
 def test_choose_fast_path_plans_checkpointing_with_the_loaded_model(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Any
 ) -> None:
-    # A faked 96 GB card: the planner, fed the model load_model read, turns recomputation off for the tiny model.
-    monkeypatch.setattr(fastpath, "detect_device", lambda device="cuda": RTX_PRO_6000)
-    monkeypatch.setattr(fastpath, "log_once", lambda fast: None)
-    monkeypatch.setattr(fastpath, "_MODEL_LOCATIONS", {})
+    # A faked 96 GB card: the planner, fed the directory the source resolved to, turns recomputation off for
+    # the tiny model (the Hub id in model.source is never contacted).
+    monkeypatch.setattr(fastpath, "log_decision", lambda fast: None)
     config = job_config()
     model = replace(config.model, source="some/hub-model")
-    assert fastpath.choose_attention(model, "cuda", str(tiny_model_dir)) == "sdpa"
-    fast = fastpath.choose_fast_path(replace(config, model=model), "cuda")
+    fast = fastpath.choose_fast_path(replace(config, model=model), RTX_PRO_6000, model_location=str(tiny_model_dir))
+    assert fast.attn_implementation == "sdpa"
     assert fast.checkpointing_mode == "off" and fast.planned_peak_bytes is not None
     assert fast.tf32 is True
+    unknown = fastpath.choose_fast_path(replace(config, model=model), RTX_PRO_6000, model_location="/nonexistent")
+    assert unknown.checkpointing_mode == "full" and unknown.planned_peak_bytes is None  # nothing to plan with
 
 
 def test_apply_activation_checkpointing_sets_layer_flags() -> None:
@@ -317,7 +316,7 @@ def test_apply_activation_checkpointing_sets_layer_flags() -> None:
 def test_build_sft_config_takes_the_fast_path(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from job.train.trainer import build_sft_config
 
-    monkeypatch.setattr(fastpath, "log_once", lambda fast: None)
+    monkeypatch.setattr(fastpath, "log_decision", lambda fast: None)
     selective = build_sft_config(job_config(activation_checkpointing_layers="every_2"), tmp_path, "cpu", has_eval=False)
     assert selective.activation_checkpointing is True
     assert selective.activation_checkpointing_kwargs == {"every_n_layers": 2}

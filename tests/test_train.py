@@ -21,7 +21,7 @@ def sft(tmp_path: Path, *overrides: str, device: str = "cpu"):
 def test_fsdp_true_gets_full_shard_layer_wrapping_fsdp_checkpointing_and_sharded_saves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fastpath, "log_once", lambda fast: None)
+    monkeypatch.setattr(fastpath, "log_decision", lambda fast: None)
     args = sft(tmp_path, "train.fsdp=true", "train.optim=adamw_torch_fused", "train.activation_checkpointing=true")
     assert args.fsdp is True
     config = args.fsdp_config
@@ -42,7 +42,7 @@ def test_fsdp_true_gets_full_shard_layer_wrapping_fsdp_checkpointing_and_sharded
 def test_fsdp_refuses_our_optimizers_and_computes_in_bf16_over_float32_masters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fastpath, "log_once", lambda fast: None)
+    monkeypatch.setattr(fastpath, "log_decision", lambda fast: None)
     with pytest.raises(ConfigError, match="not verified on FSDP2") as info:
         sft(tmp_path, "train.fsdp=true")  # the default optimizer is ours
     assert "adamw_torch_fused" in (info.value.hint or "")

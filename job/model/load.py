@@ -138,17 +138,18 @@ def load_tokenizer(source: ModelSource, model: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(source: ModelSource, model: ModelConfig, device: str) -> Any:
-    """The causal LM in `model.dtype`, loaded from safetensors only, on `device`."""
+def load_model(source: ModelSource, model: ModelConfig, device: str, *, attention: str | None = None) -> Any:
+    """The causal LM in `model.dtype`, loaded from safetensors only, on `device`.
+
+    `attention` is the kernel the fast path chose (`job.train.fastpath`); None lets transformers choose.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = _hub_kwargs(source, model)
     kwargs["dtype"] = getattr(torch, model.dtype)
     kwargs["use_safetensors"] = True
-    from job.train.fastpath import choose_attention  # installed kernels only, chosen for this GPU (job.train.fastpath)
-
-    kwargs["attn_implementation"] = choose_attention(model, device, source.location)
+    kwargs["attn_implementation"] = attention or model.attn_implementation
     with hub_errors(source):
         loaded = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     loaded.to(device)

@@ -46,7 +46,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -64,10 +64,6 @@ PACKAGES = ("flash-attn", "flash-attn-3", "liger-kernel", "kernels")
 KNOWN_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 PADDING_FREE_ATTENTION = KNOWN_ATTENTION
 _EVERY_N = re.compile(r"every_(\d+)")
-
-# model.source -> the location load_model read it from, for the planner (see `choose_attention`).
-_MODEL_LOCATIONS: dict[str, str] = {}
-_LOGGED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -353,7 +349,7 @@ def installed_packages(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 
 
 def detect_device(device: str = "cuda") -> DeviceInfo:
-    """The CUDA device's name, capability and memory, or a CPU DeviceInfo."""
+    """The CUDA device's name, capability and memory, or a CPU DeviceInfo (no GPU, or `device` is not cuda)."""
     import torch
 
     if device != "cuda" or not torch.cuda.is_available():
@@ -408,24 +404,10 @@ def checkpoint_budget(
     return budget, ""
 
 
-def choose_attention(model: Any, device: str, location: str | None = None) -> str:
-    """The attention kernel for `load_model` (model: the config's `ModelConfig`).
-
-    Also remembers where the model was read from, so that `choose_fast_path` can hand the planner its config.
-    """
-    if location:
-        _MODEL_LOCATIONS[model.source] = location
-    inputs = FastPathInputs(
-        device=detect_device(device),
-        packages=installed_packages(),
-        attn_implementation=model.attn_implementation,
-    )
-    return _attention(inputs)[0]
-
-
-def _model_config(model: Any) -> Any:
-    """The transformers config of `model.source` as load_model read it, or None when it cannot be read here."""
-    location = _MODEL_LOCATIONS.get(model.source, model.source)
+def _model_config(location: str | None, revision: str | None) -> Any:
+    """The transformers config at `location` (a directory or a Hub id), or None when it cannot be read here."""
+    if not location:
+        return None
     path = Path(location)
     try:
         from transformers import AutoConfig
@@ -434,23 +416,26 @@ def _model_config(model: Any) -> Any:
             return AutoConfig.from_pretrained(str(path))
         if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", location) and not path.exists():
             token = os.environ.get("HF_TOKEN") or None
-            return AutoConfig.from_pretrained(location, revision=model.revision, token=token)
+            return AutoConfig.from_pretrained(location, revision=revision, token=token)
     except (OSError, ValueError):
         return None
     return None
 
 
-def choose_fast_path(config: Any, device: str) -> FastPath:
-    """Decide the fast path for a JobConfig on `device` (`cuda`/`cpu`) and log it once."""
+def choose_fast_path(config: Any, dev: DeviceInfo, model_location: str | None = None) -> FastPath:
+    """Decide the fast path for a JobConfig on `dev` and log it.
+
+    `model_location` is where the model was resolved to (a directory or a Hub id): the planner
+    reads its config.json to size activation checkpointing; without it, `model.source` is tried.
+    """
     train, model, data = config.train, config.model, config.data
     packages = installed_packages()
     refuse_downloaded_kernels(train.extra, packages)
-    dev = detect_device(device)
     layers = getattr(train, "activation_checkpointing_layers", "auto")
     budget, note = None, "no GPU to plan for"
     if dev.kind == "cuda" and train.activation_checkpointing and str(layers).lower() == "auto":
         budget, note = checkpoint_budget(
-            _model_config(model),
+            _model_config(model_location or model.source, model.revision),
             dev,
             dtype=model.dtype,
             optimizer=train.optim,
@@ -472,20 +457,15 @@ def choose_fast_path(config: Any, device: str) -> FastPath:
             budget_note=note,
         )
     )
-    log_once(fast)
+    log_decision(fast)
     return fast
 
 
-def log_once(fast: FastPath) -> None:
-    """Log the decision as one structured line, once per distinct decision in this process."""
-    fields = fast.log_fields()
-    key = repr(sorted(asdict(fast).items(), key=lambda kv: kv[0]))
-    if key in _LOGGED:
-        return
-    _LOGGED.add(key)
+def log_decision(fast: FastPath) -> None:
+    """Log the decision as one structured line (`fast_path`), a reason per switch."""
     from job.logs import get_logger  # structlog: imported late so the GPU bench needs only torch + transformers
 
-    get_logger(__name__).info("fast_path", **fields)
+    get_logger(__name__).info("fast_path", **fast.log_fields())
 
 
 # ---------------------------------------------------------------- applying it outside Trainer (the GPU bench)
