@@ -89,7 +89,7 @@ def train(
 
     Resumes from the newest committed checkpoint when there is one. A run whose final
     output is already committed exits 0 at once. SIGTERM exits 75 once the newest
-    checkpoint is durable (see README "Preemption"). With more than one rank
+    checkpoint is durable (see docs/checkpointing.md). With more than one rank
     (--nproc-per-node, --nnodes) this process launches the ranks and exits with their
     outcome: 75 when they stopped for preemption, a fatal code when a rank hit one, else 1.
     """

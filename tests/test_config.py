@@ -152,6 +152,20 @@ def test_reference_documents_every_field() -> None:
             assert rows[key][2], f"{key} docstring is empty"
 
 
+def test_reference_table_has_one_line_per_field_and_escapes_pipes(monkeypatch) -> None:
+    from job.config import reference
+
+    lines = reference.reference_table().splitlines()
+    assert len(lines) == 2 + len(reference_rows()), "a docstring spanning lines must stay in one row"
+    monkeypatch.setattr(
+        reference,
+        "reference_rows",
+        lambda: [("data.x", "a|b", "SFT_DATA__X", "First line\n  second line: `json|yaml`.\n\nA paragraph.")],
+    )
+    row = reference.reference_table().splitlines()[2]
+    assert row == r"| `data.x` | `a\|b` | `SFT_DATA__X` | First line second line: `json\|yaml`. A paragraph. |"
+
+
 def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
     config = load_config(None, [*BASE, "train.learning_rate=1e-5", "train.eval_steps=3"], environ={})
     again = load_config(write_yaml(tmp_path, to_yaml(config)), [], environ={})
