@@ -33,8 +33,11 @@ from job.storage.manifest import MANIFEST_NAME, build_manifest, verify_directory
 
 log = get_logger(__name__)
 
-CACHE_VERSION = 1
-"""Bump when the tokenized layout or the masking rules change: old entries then miss."""
+CACHE_VERSION = 2
+"""Bump when the tokenized or packed layout or the masking rules change: old entries then miss.
+
+2: packing by TRL's `pack_dataset` (rows of equal room are filled in another order).
+"""
 STORE_PREFIX = "cache"
 SUMMARY = "summary.json"
 

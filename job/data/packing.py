@@ -1,4 +1,4 @@
-"""Best-fit-decreasing packing of tokenized examples into sequences of at most `capacity` tokens.
+"""Packing: TRL's best-fit decreasing (`trl.pack_dataset(strategy="bfd")`) over a whole split.
 
 Each packed row keeps `seq_lengths`, the lengths of the examples inside it,
 in order. TRL's collator, padding-free, turns them into `position_ids` that
@@ -7,104 +7,58 @@ attention from those restarts (sdpa and eager alike, when there is no
 attention mask and no KV cache), and the collator masks the label at each
 example's first token, so no loss or attention crosses an example boundary.
 
-Best fit: each example, longest first, goes into the open sequence with the
-least room that still fits it. A segment tree over "room left" (0..capacity)
-finds that sequence in O(log capacity), so a million examples pack in seconds.
-The rows are built with Arrow (no per-token Python).
+What this adapter adds to TRL's function, and why:
+
+- One batch. `pack_dataset` runs through `Dataset.map`, which hands it 1000
+  examples at a time by default (as `SFTTrainer` calls it), so every batch
+  ends with its own half-empty rows. The job packs the split as one batch:
+  one best-fit decreasing over every example.
+- Refusal, not truncation. TRL's "bfd" cuts an example longer than the
+  sequence and drops empty ones silently. The job applies `data.truncation`
+  before packing, so such an example here is a bug: DataError.
+- Past 2^31 tokens the columns go 64-bit (`large_list`): one batch of
+  `list<int32>` cannot hold that many values, and TRL keeps the column type.
+
+`bench/packing.py` measures this against the job's former packer and TRL's
+default batching (docs/data.md, "Packing").
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from typing import Any
 
 from job.errors import DataError
 
-
-class _RoomIndex:
-    """Multiset of open sequences keyed by the room they have left; finds the smallest room >= n."""
-
-    def __init__(self, capacity: int) -> None:
-        self.size = 1 << max(capacity, 1).bit_length()
-        self.count = [0] * (2 * self.size)
-        self.bins: dict[int, list[int]] = {}
-
-    def add(self, room: int, sequence: int) -> None:
-        heapq.heappush(self.bins.setdefault(room, []), sequence)
-        node = room + self.size
-        while node:
-            self.count[node] += 1
-            node >>= 1
-
-    def pop_smallest_at_least(self, need: int) -> tuple[int, int] | None:
-        """(room, sequence) with the least room >= need, removed; None when nothing fits."""
-        node = need + self.size
-        if not self.count[node]:
-            while node > 1 and not (node & 1 == 0 and self.count[node + 1]):
-                node >>= 1  # climb until a right sibling (larger rooms) holds something
-            if node <= 1:
-                return None
-            node += 1
-            while node < self.size:  # then descend to its leftmost non-empty leaf
-                node = 2 * node if self.count[2 * node] else 2 * node + 1
-        room = node - self.size
-        sequence = heapq.heappop(self.bins[room])  # ties: the earliest opened sequence
-        while node:
-            self.count[node] -= 1
-            node >>= 1
-        return room, sequence
-
-
-def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Indices of `lengths` grouped into sequences of total length <= capacity (ties keep input order)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    sequences: list[list[int]] = []
-    index = _RoomIndex(capacity)
-    for item in order:
-        need = lengths[item]
-        if need > capacity or need <= 0:
-            raise DataError(f"cannot pack an example of {need} tokens into sequences of {capacity}")
-        found = index.pop_smallest_at_least(need)
-        if found is None:
-            room, target = capacity, len(sequences)
-            sequences.append([])
-        else:
-            room, target = found
-        sequences[target].append(item)
-        if room - need > 0:
-            index.add(room - need, target)
-    return sequences
+COLUMNS = ["input_ids", "labels"]
+LARGE_LIST_FROM = 2**31
+"""Total tokens from which the packed columns are `large_list` (64-bit offsets)."""
 
 
 def pack_dataset(dataset: Any, capacity: int) -> Any:
-    """A `datasets.Dataset` of packed rows: `input_ids`, `labels` and `seq_lengths`."""
+    """A `datasets.Dataset` of packed rows: `input_ids`, `labels` and `seq_lengths`, in TRL's layout."""
     import datasets
-    import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
+    from trl import pack_dataset as trl_pack_dataset
 
-    table = dataset.with_format("arrow")[:]  # the rows as one Arrow table, in the dataset's order
-    lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)
-    groups = best_fit_decreasing(lengths.tolist(), capacity)
-    order = np.fromiter((i for group in groups for i in group), dtype=np.int64, count=len(lengths))
-    taken = table.select(["input_ids", "labels"]).take(pa.array(order))
-    sizes = np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
-    per_row = np.add.reduceat(lengths[order], np.concatenate([[0], np.cumsum(sizes)[:-1]])) if len(groups) else sizes
-    offsets = np.concatenate([[0], np.cumsum(per_row)])
-    list_type = pa.LargeListArray if offsets[-1] >= 2**31 else pa.ListArray  # over 2^31 tokens: 64-bit offsets
-
-    def packed(column: str) -> pa.Array:
-        values = pc.list_flatten(taken[column]).combine_chunks() if taken.num_rows else pa.array([], pa.int32())
-        return list_type.from_arrays(
-            pa.array(offsets, pa.int64() if list_type is pa.LargeListArray else pa.int32()), values
-        )
-
-    seq_lengths = pa.ListArray.from_arrays(
-        pa.array(np.concatenate([[0], np.cumsum(sizes)]), pa.int32()), pa.array(lengths[order], pa.int32())
+    dataset = dataset.select_columns(COLUMNS)
+    lengths = pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"])
+    if len(lengths):
+        low, high = pc.min_max(lengths).values()
+        for need in (high.as_py(), low.as_py()):
+            if need > capacity or need <= 0:
+                raise DataError(f"cannot pack an example of {need} tokens into sequences of {capacity}")
+        if pc.sum(lengths).as_py() >= LARGE_LIST_FROM:
+            features = dataset.features.copy()
+            for column in COLUMNS:
+                features[column] = datasets.LargeList(features[column].feature)
+            dataset = dataset.cast(features)
+    return trl_pack_dataset(
+        dataset,
+        capacity,
+        strategy="bfd",
+        map_kwargs={"batch_size": None, "load_from_cache_file": False, "keep_in_memory": True},
     )
-    result = pa.table({"input_ids": packed("input_ids"), "labels": packed("labels"), "seq_lengths": seq_lengths})
-    return datasets.Dataset(datasets.table.InMemoryTable(result))
 
 
 def packing_summary(lengths: Sequence[int], rows: int, capacity: int) -> dict[str, float | int]:

@@ -180,7 +180,9 @@ class S3Store(Store):
             translate_errors(self.uri_of(key), self.connection),
             self.transfer_manager() as manager,
         ):
-            manager.upload(str(source), self.bucket, self.full_key(key), None, [s3_sync._Subscriber(progress)]).result()
+            manager.upload(
+                str(source), self.bucket, self.full_key(key), None, [s3_sync.ProgressSubscriber(progress)]
+            ).result()
 
     def download_file(self, key: str, destination: Path) -> None:
         info = self.stat(key)
@@ -193,7 +195,7 @@ class S3Store(Store):
             translate_errors(self.uri_of(key), self.connection),
             self.transfer_manager() as manager,
         ):
-            subscriber = s3_sync._Subscriber(progress, info.size, info.etag)
+            subscriber = s3_sync.ProgressSubscriber(progress, info.size, info.etag)
             manager.download(self.bucket, self.full_key(key), str(destination), None, [subscriber]).result()
 
     def delete(self, keys: list[str]) -> None:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 from s3transfer.subscribers import BaseSubscriber
@@ -29,10 +29,21 @@ from job.storage.manifest import MANIFEST_NAME, FileEntry, Manifest
 from job.storage.progress import Progress
 from job.storage.s3_client import translate_errors
 
-if TYPE_CHECKING:
-    from job.storage.s3 import S3Store
-
 log = structlog.get_logger(__name__)
+
+
+class S3Prefix(Protocol):
+    """What a transfer needs of the store: `S3Store` provides it (this module never imports that one)."""
+
+    bucket: str
+    settings: Any
+    connection: Any
+
+    def full_key(self, key: str) -> str: ...
+    def uri_of(self, key: str) -> str: ...
+    def is_committed(self, prefix: str) -> bool: ...
+    def transfer_manager(self) -> Any: ...
+
 
 PULL_RECORD = ".sft-pull.json"
 _RECORD_SAVE_SECONDS = 2.0
@@ -40,7 +51,7 @@ _BLOCK = 8 * 1024 * 1024
 _SSE_WITHOUT_MD5_ETAG = {"aws:kms", "aws:kms:dsse"}
 
 
-class _Subscriber(BaseSubscriber):
+class ProgressSubscriber(BaseSubscriber):
     """Feeds s3transfer's callbacks into our progress, and tells it what we already know of an object."""
 
     def __init__(
@@ -166,7 +177,7 @@ class HashingReader:
         return hash_file(self.path, *self._sizes)
 
 
-def push_directory(store: S3Store, source: Path, prefix: str, meta: dict | None, *, commit: bool = True) -> Manifest:
+def push_directory(store: S3Prefix, source: Path, prefix: str, meta: dict | None, *, commit: bool = True) -> Manifest:
     uri = store.uri_of(prefix)
     if store.is_committed(prefix):
         raise AlreadyCommitted(f"{uri} is already committed; it is never overwritten")
@@ -184,7 +195,7 @@ def push_directory(store: S3Store, source: Path, prefix: str, meta: dict | None,
                         store.bucket,
                         store.full_key(join_key(prefix, name)),
                         None,
-                        [_Subscriber(progress, reader.digest.size)],
+                        [ProgressSubscriber(progress, reader.digest.size)],
                     )
                     for reader, name in zip(readers, names, strict=True)
                 ]
@@ -212,7 +223,7 @@ def push_directory(store: S3Store, source: Path, prefix: str, meta: dict | None,
     return manifest
 
 
-def _verify(store: S3Store, key: str, size: int, etag: str) -> str | None:
+def _verify(store: S3Prefix, key: str, size: int, etag: str) -> str | None:
     """What is wrong with the stored object (None when its size and, where meaningful, its ETag match)."""
     with translate_errors(store.uri_of(key), store.connection):
         head = store.connection.client.head_object(Bucket=store.bucket, Key=store.full_key(key))
@@ -295,7 +306,7 @@ class PullRecord:
 
 
 def pull_objects(
-    store: S3Store,
+    store: S3Prefix,
     objects: list[ObjectInfo],
     prefix: str,
     destination: Path,
@@ -323,7 +334,7 @@ def pull_objects(
                     target = destination / relative
                     target.parent.mkdir(parents=True, exist_ok=True)
                     done = _remember(record, relative.as_posix(), target, info)
-                    subscriber = _Subscriber(progress, info.size, info.etag, done)
+                    subscriber = ProgressSubscriber(progress, info.size, info.etag, done)
                     key = store.full_key(info.key)
                     downloads.append(manager.download(store.bucket, key, str(target), None, [subscriber]))
                 for (info, _), download in zip(todo, downloads, strict=True):

@@ -3,41 +3,8 @@
 Each switch is settable in the config and, where it is left empty, on wherever the installed packages and
 the detected card support it. The decision is a pure function of its inputs (`decide`), so tests fake a
 device and its packages instead of torch; `choose_fast_path` gathers the real inputs, decides, and logs
-the result once as one structured line (`fast_path`) with a reason per switch.
-
-Nothing is downloaded at run time: kernels come from packages installed in the image. TRL's
-`use_kernels` and transformers' Hub kernels (`kernels-community/...`, and the Hub fallback transformers
-takes for `flash_attention_2` when the `flash-attn` package is missing but `kernels` is installed) fetch
-code from the Hub, so they are refused; so is Liger's fused cross-entropy, which TRL 1.16 refuses
-because it replaces the forward that TRL's own chunked LM head patches (that head already computes
-the loss without full logits).
-
-Attention, per compute capability (what this relies on):
-
-- sm_80 / sm_86 / sm_89 (Ampere, Ada) and sm_90 (Hopper): `flash_attention_2` when the `flash-attn`
-  distribution is installed at >= 2.3.3 (the oldest transformers 5 accepts, `is_flash_attn_2_available`).
-  flash-attn's README lists "Ampere, Ada, or Hopper GPUs"; its setup.py builds `sm_80` always and
-  `sm_90` with CUDA >= 11.8. On sm_90 the `flash-attn-3` distribution (`flash_attn_interface`, the
-  Hopper kernels) is preferred when installed.
-- sm_100 / sm_120 (Blackwell; the RTX PRO 6000 is sm_120): `sdpa`. flash-attn 2.7.3 added `sm_100`
-  and `sm_120` build targets for CUDA >= 12.8 (Dao-AILab/flash-attention PR #1436), but the runtime
-  guard in `csrc/flash_attn/flash_api.cpp` we read accepts only `major == 8 || (9, 0)` ("FlashAttention
-  only supports Ampere GPUs or newer"; PR #1427 generalising it was still open), and users report that
-  error and nvcc crashes on sm_120 (issues #1540, #1638, #2361). PyTorch's own SDPA flash backend
-  accepts sm_120 (`is_sm120_or_sm121` in aten's flash_api.cpp, pytorch PR #158558), so `sdpa` already
-  runs a flash kernel there. A user may still force `model.attn_implementation: flash_attention_2`
-  when the package is installed; the reason then says it is unverified on that card.
-- CPU: `sdpa` (what transformers picks for Mistral/Llama anyway).
-
-Padding-free batches (`data.packing`): with `flash_attention_2/3` TRL's collator hands the varlen
-kernel `cu_seq_lens`, so no mask is built; with `sdpa`, `eager` or `flex_attention` transformers 5
-rebuilds a block-diagonal mask from the restarted `position_ids` (`masking_utils.find_packed_sequence_indices`)
-- correct, but a dense mask keeps SDPA on its memory-efficient kernel instead of flash.
-
-Activation checkpointing (`train.activation_checkpointing_layers: auto`): the planner (`job.plan.memory`)
-estimates peak memory with all layers recomputed and with none; the fast path keeps as many layers'
-activations as fit under `MEMORY_TARGET` of the card, through transformers 5's
-`activation_checkpointing_kwargs={"every_n_layers": n}` (every n-th decoder layer recomputes).
+it as one structured line (`fast_path`) with a reason per switch. Nothing is downloaded at run time.
+What each switch relies on (kernel support per compute capability, upstream issues): docs/fast-path.md.
 """
 
 from __future__ import annotations
