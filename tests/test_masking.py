@@ -225,6 +225,9 @@ def test_layout_shortcut_gives_the_same_spans_as_rendering_every_prefix(chat_tok
     chat_tokenizer.chat_template = None
     apply_chat_template_choice(chat_tokenizer, template)
     render = ChatRenderer(chat_tokenizer)
+    # transformers' private `_compile_jinja_template` (docs/design.md): still there, and rendering exactly as
+    # apply_chat_template does (below), or this fails on an upgrade instead of silently slowing down.
+    assert render.compiled is not None
     finder = SpanFinder(render)
     for index, messages in enumerate(random_conversations(120, seed=7)):
         text = render(messages, f"r:{index}")

@@ -47,3 +47,56 @@ def test_fsdp_refuses_our_optimizers_and_computes_in_bf16_over_float32_masters(
         sft(tmp_path, "train.fsdp=true")  # the default optimizer is ours
     assert "adamw_torch_fused" in (info.value.hint or "")
     assert sft(tmp_path, "train.fsdp=true", "train.optim=adamw_torch").bf16 is False  # CPU: exact float32
+
+
+def test_step_records_take_trainers_grad_norm_and_lr_each_step(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Pins the one private Trainer hook the job relies on (docs/design.md): `_get_grad_norm` runs once per
+    optimizer step with the pre-clip norm. With a logging line every step, Trainer's own `grad_norm` and
+    `learning_rate` must equal the records the job keeps for every step, and the records must hold every step."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from job.model.load import ModelSource, load_tokenizer
+    from job.train.fastpath import choose_fast_path, detect_device
+    from job.train.trainer import build_trainer
+
+    config = load_config(
+        None,
+        [
+            *BASE,
+            "train.max_steps=4",
+            "train.logging_steps=1",
+            "train.per_device_train_batch_size=2",
+            "train.gradient_accumulation_steps=2",
+            "train.max_grad_norm=0.05",  # clipping is active: the record must hold the norm before it
+            "train.learning_rate=1e-3",
+            "train.warmup_steps=2",
+            "train.optim=adamw_torch",
+        ],
+        environ={},
+    )
+    torch.manual_seed(0)
+    rows = [list(range(5 + i, 5 + i + 12 + i % 5)) for i in range(16)]
+    dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": [[-100, *r[1:]] for r in rows]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(ModelSource(str(tiny_model_dir), "local", None), config.model)
+    logged: list[dict] = []
+
+    class Logs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "grad_norm" in logs:
+                logged.append({"step": state.global_step, **logs})
+
+    fast = choose_fast_path(config, detect_device("cpu"))
+    trainer, metrics = build_trainer(config, model, tokenizer, dataset, None, tmp_path, fast, extra_callbacks=[Logs()])
+    trainer.train()
+    records = {r.step: r for r in metrics.steps}
+    assert sorted(records) == [1, 2, 3, 4] and len(logged) == 4
+    for line in logged:
+        record = records[line["step"]]
+        assert record.grad_norm == pytest.approx(line["grad_norm"], rel=1e-6)
+        assert record.learning_rate == pytest.approx(line["learning_rate"], rel=1e-9)
+    assert all(r.grad_norm > 0.05 for r in records.values())  # pre-clip: larger than the clipping threshold
+    assert [r.learning_rate for r in metrics.steps][:3] == pytest.approx([0.0, 5e-4, 1e-3])  # warm-up, step by step
+    assert all(r.tokens > 0 and r.loss > 0 for r in metrics.steps)
