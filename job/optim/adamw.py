@@ -6,32 +6,7 @@ most weights unchanged. Every optimizer here runs torch.optim.AdamW's update in 
 each narrower tensor either compensated (Kahan) or stochastically rounded, so nothing is lost on
 average. With fp32 weights all three reduce to AdamW (bitwise equal to torch.optim.AdamW for
 `adamw_kahan` and `adamw_fp32_master`).
-
-API:
-
-- `OUR_OPTIMIZERS: dict[str, OptimizerSpec]`; `DEFAULT_OPTIMIZER = "adamw_kahan"`.
-- `is_ours(name: str) -> bool` - False means a transformers name: leave it in `SFTConfig.optim`.
-- `trainer_optimizer(name, *, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, seed=0)
-  -> tuple[type[torch.optim.Optimizer], dict[str, Any]]` - for `SFTTrainer(optimizer_cls_and_kwargs=...)`.
-- `build_optimizer(name, model, *, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, seed=0)
-  -> torch.optim.Optimizer` - the same optimizer with the Trainer's decay/no-decay grouping.
-- `optimizer_state_bytes(name, num_params, weight_dtype) -> int` - optimizer state bytes (our names and
-  transformers' `adamw_torch`/`adamw_torch_fused`); `num_params` is an int or per-tensor sizes (exact).
-
-Handing it to the trainer: pass `optimizer_cls_and_kwargs=trainer_optimizer(...)` to SFTTrainer (TRL
-1.16 forwards it to transformers' Trainer). `Trainer.create_optimizer` then builds it after the model is
-placed/wrapped, with its own weight-decay groups (no decay on biases and norms); `create_scheduler`
-wraps it as for any optimizer; checkpoints save `optimizer.state_dict()` and resume loads it with
-`torch.load(..., weights_only=True)` into `load_state_dict`. `optimizers=(opt, None)` would also keep
-the scheduler and resume, but Trainer refuses it under FSDP and it must be built before the Trainer
-moves the model, so it is not the recommended path.
-
-State: per parameter a Python int `step` plus plain tensors (bf16, fp32, float8_e4m3fn), all of which
-`torch.load(weights_only=True)` accepts. `load_state_dict` keeps each tensor's saved dtype (torch
-casts every floating state tensor to its parameter's dtype, which would ruin fp32 master weights and
-fp8 states). Stochastic rounding draws its noise from a generator re-seeded from (seed, step,
-parameter index, chunk), so a resumed run repeats an uninterrupted one bit for bit with no RNG state
-to save. The update runs on chunks of `chunk_size` elements, so its fp32 temporaries stay ~0.3 GiB.
+How each is handed to Trainer and how its state saves and resumes: docs/optimizers.md.
 """
 
 from __future__ import annotations

@@ -1,29 +1,7 @@
 """FLOP accounting for decoder-only training: peak bf16 FLOP/s per GPU, FLOPs per token, MFU and HFU.
 
 Kept free of the trainer so that the planner (`job.plan.memory`) and the step metrics can both import it.
-
-API:
-
-- `PEAK_BF16_FLOPS: dict[str, float]` - dense (no sparsity) bf16 tensor-core peak per GPU model.
-- `peak_bf16_flops(gpu_name: str) -> float | None` - the peak for a device name as CUDA reports it
-  (`torch.cuda.get_device_name()`), or None for a GPU not in the table (the caller makes it settable).
-- `detect_gpu(device: int = 0) -> GpuInfo | None` - name, total memory and peak of the visible GPU; None on CPU.
-- `FlopShape` / `flop_shape(config) -> FlopShape` - what the FLOP count needs from a transformers config.
-- `flops_per_token(shape, num_params, seq_length, *, embedding_params=0, recompute=False) -> float`.
-- `mfu(tokens_per_second, model_flops_per_token, peak_flops) -> float` and
-  `hfu(tokens_per_second, hardware_flops_per_token, peak_flops) -> float`.
-
-Counting convention (PaLM, appendix B; the one torchtitan and most MFU reports use):
-
-    model FLOPs/token    = 6·N' + 12·L·d·s
-    hardware FLOPs/token = 8·N' + 16·L·d·s   with full activation recomputation (one extra forward)
-
-N' is the number of parameters that take part in matmuls: all parameters minus the input embedding
-table (a lookup, no FLOPs) unless it is tied to the LM head. L is the number of layers, d the query
-width (heads × head_dim), s the sequence length the attention spans. The attention term counts the
-full s×s score matrix (no causal halving), as PaLM does, so MFU figures compare with published ones.
-MFU uses model FLOPs only: recomputation is overhead, not useful work. HFU counts what the GPU
-actually executes, recomputation included.
+The counting convention is PaLM's (appendix B), as torchtitan and most MFU reports use: docs/planner.md.
 """
 
 from __future__ import annotations

@@ -1,40 +1,9 @@
 """Memory and time plan for a full-parameter SFT run on one GPU, from the model's config.json alone.
 
-API:
-
-- `make_plan(model_config, *, dtype="bfloat16", optimizer=DEFAULT_OPTIMIZER, per_device_batch_size=2,
-  seq_length=2048, activation_checkpointing=True, gpu_memory_bytes=None, gpu_name=None, peak_flops=None,
-  utilisation=0.40, dataset_tokens=None, epochs=1.0) -> dict` - `model_config` is a config dict, a
-  `PretrainedConfig`, a path to config.json or its directory. Parameters are counted on the meta
-  device (no weights). Keys: `parameters`, `memory_bytes` {weights, gradients, optimizer,
-  activations, loss_head, overhead, total}, `gpu`, `gpu_memory_bytes`, `headroom_bytes`, `fits`,
-  `advice` (what to change when it does not fit), `warnings`, `flops_per_token` {model, hardware},
-  `tokens_per_second_estimate`, `mfu_estimate`, `seconds_estimate` (None without `dataset_tokens`).
-- `render_plan(plan) -> str` - the GiB table.
-
-The estimate, per part (GiB = 2³⁰ bytes; N parameters; T = batch × sequence tokens per micro-batch;
-a = activation bytes, 2 for 16-bit weights, 4 for fp32; h hidden, I MLP width, L layers, V vocab):
-
-- weights N × dtype bytes; gradients the same (Trainer keeps them in the weights' dtype);
-  optimizer `job.optim.adamw.optimizer_state_bytes` - all three exact (tests compare real tensors).
-- activations, for Mistral/Llama-like decoders in transformers (RMSNorm upcasts to fp32; SDPA
-  flash/memory-efficient attention keeps no s×s scores), bytes per token per layer: two norms
-  2·(4h + 2a·h) [fp32 input, normalised, output] + attention 4a·h + 4·heads [q, k, v, output, fp32
-  log-sum-exp; k and v at full width, as when a padding or packing mask makes transformers repeat
-  them - without a mask GQA keeps them narrower] + MLP 4a·I [gate, up, act, product]. Without
-  recomputation all L layers are kept; with full recomputation only each layer's input (a·h per
-  layer) plus one layer being recomputed. Both add the final norm (4h + 2a·h) and a backward
-  working set a·(3I + 2h) per token.
-- loss head as TRL 1.16 computes it (`trl.trainer.utils.add_fused_lm_head`): no full logits; tiles
-  of 4096 tokens × 32768 vocabulary columns. Peak in its backward: the gathered hidden states and
-  their gradient (a + 4 + a)·T·h, fp32 LM-head gradient plus its cast 4·V·h + a·V·h, one tile a·4096·32768.
-- overhead: 1 GiB (CUDA context, cuBLAS workspaces) + 5% of activations and loss head (allocator
-  fragmentation) + what the optimizer step allocates beyond the then-freed activations
-  (`adamw_torch` foreach: one state-sized temporary; fused: none; ours: bounded chunks).
-
-Time: tokens/s = utilisation × peak bf16 FLOP/s / hardware FLOPs per token (`job.plan.flops`: 8N' with
-recomputation, 6N' without, plus the attention term). `utilisation` is an assumed hardware FLOP
-utilisation (default 0.40); `mfu_estimate` is the MFU it implies. Optimizer-step time is not counted.
+`make_plan` counts parameters on the meta device (no weights) and estimates each part of the peak
+(weights, gradients, optimizer states, activations, loss head, overhead) and the time at an assumed
+utilisation; `plan_job` asks it for a job config, and `train` refuses (exit 64) what cannot fit.
+The formulas, and how they compare with measured peaks: docs/planner.md.
 """
 
 from __future__ import annotations
