@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -254,7 +254,7 @@ def _read_remote_config(uri: str) -> str:
     return read_text(uri)
 
 
-def _preempted_before_start(signum: int, frame: Any) -> None:
+def _preempted_before_start(signum: int, frame: Any) -> NoReturn:
     raise SystemExit(Preempted.exit_code)
 
 

@@ -19,7 +19,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import yaml
@@ -48,6 +48,11 @@ from job.publish.export import FINAL_PREFIX, publish_final, stage_final
 from job.publish.metrics import MetricsLog, read_step_metrics
 from job.publish.status import record_failure
 from job.storage import AlreadyExists, Store, open_store
+
+if TYPE_CHECKING:  # the trainer's modules import TRL: loaded only once training is near
+    from job.train.callbacks import FlopsBudget, StepMetrics
+    from job.train.fastpath import FastPath
+    from job.train.trainer import JobTrainer
 
 log = get_logger(__name__)
 
@@ -114,10 +119,10 @@ class TrainingRun:
         self.prepared: Prepared | None = None
         self.plan: dict[str, Any] = {}
         self.resume: ResumePoint | None = None
-        self.fast: Any = None
+        self.fast: FastPath | None = None
         self.model: Any = None
-        self.trainer: Any = None
-        self.step_metrics: Any = None
+        self.trainer: JobTrainer | None = None
+        self.step_metrics: StepMetrics | None = None
         self.history: list[dict[str, Any]] = []
         """Every start's step records, read back from the store by rank 0 after training."""
         self.evals: list[tuple[int, float]] = []
@@ -447,7 +452,7 @@ class TrainingRun:
                 "or save more often (checkpoint.every_minutes)",
             )
 
-    def flops_budget(self) -> Any:
+    def flops_budget(self) -> FlopsBudget | None:
         from job.train.callbacks import FlopsBudget
 
         gpu = self.plan["gpu"]
