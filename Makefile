@@ -1,14 +1,26 @@
-# The two quick-start commands (README): `make demo` and `make test`. Both set up .venv first.
+# The quick-start commands (README): `make demo` and `make test`. Both set up .venv first.
+# `make test` runs every test (CI: .ci/run); `make test-fast` runs only the in-process ones
+# (`pytest -m "not slow"`: no subprocess of the job or a benchmark), a few minutes on 2 cores.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test lint
+.PHONY: demo test test-fast lint
 
+# torch: the CPU build on development and CI machines, from PyTorch's CPU index when it can be reached;
+# otherwise from the configured package index (on PyPI that is the CUDA build: larger, same results on CPU).
+# The image installs CUDA torch from uv.lock.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build kept on development and CI machines; the image installs CUDA torch from uv.lock.
-	$(PY) -m pip install -q torch==2.13.0
+	@if $(PY) -c "import urllib.request; urllib.request.urlopen('$(TORCH_CPU_INDEX)/', timeout=10).close()" 2>/dev/null; then \
+		echo "torch: installing the CPU build from $(TORCH_CPU_INDEX)"; \
+		$(PY) -m pip install -q --index-url $(TORCH_CPU_INDEX) $(TORCH); \
+	else \
+		echo "torch: $(TORCH_CPU_INDEX) cannot be reached; installing $(TORCH) from the configured package index"; \
+		$(PY) -m pip install -q $(TORCH); \
+	fi
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -21,3 +33,6 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(PY) -m pytest
+
+test-fast: lint
+	$(PY) -m pytest -m "not slow"

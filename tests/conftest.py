@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -21,6 +22,77 @@ pytest_plugins = ["s3_fixtures"]
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TRAIN = REPO / "examples" / "demo" / "train.jsonl"
 DEMO_EVAL = REPO / "examples" / "demo" / "eval.jsonl"
+
+
+# ---------------------------------------------------------------- the two tiers
+SLOW_MARK = "slow"
+"""Marks every test that starts the job (`entrypoint.py`), a benchmark (`bench/`) or job code in a fresh
+interpreter as a subprocess; `make test-fast` (`pytest -m "not slow"`) runs the rest, in-process. A test
+that starts one without the mark fails (the guard on `subprocess.Popen` below), in either tier."""
+
+_current_item: pytest.Item | None = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Remember which test runs (its fixtures included) so the subprocess guard below can check its marks."""
+    global _current_item
+    _current_item = item
+    try:
+        yield
+    finally:
+        _current_item = None
+
+
+def _argv(args) -> list[str]:
+    """Popen's `args` as a list of strings (one string is a shell command line, or a bare program)."""
+    if isinstance(args, (str, bytes)):
+        try:
+            return shlex.split(os.fsdecode(args))
+        except ValueError:
+            return [os.fsdecode(args)]
+    if isinstance(args, os.PathLike):
+        return [os.fsdecode(args)]
+    return [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a) for a in args]
+
+
+def _starts_project_code(args) -> str | None:
+    """What in this command line is the job, a benchmark or job code in a fresh interpreter; None if nothing."""
+    argv = _argv(args)
+    for i, arg in enumerate(argv):
+        path = Path(arg)
+        if path.name == "entrypoint.py" or (path.suffix == ".py" and path.parent.name == "bench"):
+            return arg
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if arg == "-m" and following.split(".")[0] in ("job", "bench"):
+            return f"-m {following}"
+        if arg == "-c" and ("from job" in following or "import job" in following):
+            return "-c <code importing job>"
+    return None
+
+
+_original_popen_init = subprocess.Popen.__init__
+
+
+def _guarded_popen_init(self, args, *rest, **kwargs):
+    item = _current_item
+    if item is not None and item.get_closest_marker(SLOW_MARK) is None:
+        started = _starts_project_code(args)
+        if started is not None:
+            pytest.fail(
+                f"{item.nodeid} starts {started} as a subprocess but is not marked "
+                f"@pytest.mark.{SLOW_MARK}: `make test-fast` (-m 'not slow') runs in-process tests only",
+                pytrace=False,
+            )
+    _original_popen_init(self, args, *rest, **kwargs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    subprocess.Popen.__init__ = _guarded_popen_init  # type: ignore[method-assign]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    subprocess.Popen.__init__ = _original_popen_init  # type: ignore[method-assign]
 
 
 @pytest.fixture(autouse=True)
@@ -186,3 +258,8 @@ class JobProcess:
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
+
+    def result(self, timeout: float = 300) -> JobResult:
+        """Wait for the exit: the run as `run_job` reports it (every stderr line must be JSON; stdout not kept)."""
+        code = self.wait(timeout)
+        return JobResult(code, "", "".join(self.raw), time.monotonic() - self.started)

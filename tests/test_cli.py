@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_TRAIN, REPO, run_job, write_jsonl
+from conftest import DEMO_TRAIN, REPO, JobProcess, run_job, write_jsonl
 from job.cli import config_reference_markdown, main
 
 
@@ -51,14 +51,23 @@ def test_config_command_prints_resolved_yaml(capsys, monkeypatch) -> None:
 @pytest.mark.slow
 def test_exit_codes_for_bad_inputs(tmp_path: Path) -> None:
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "only a question"}]}])
-    common = ["--set", f"run.output={tmp_path / 'out'}", "--set", f"run.scratch={tmp_path / 's'}"]
-    result = run_job("validate", "--set", f"data.train={bad}", *common)
+
+    def common(scratch: str) -> list[str]:
+        return ["--set", f"run.output={tmp_path / 'out'}", "--set", f"run.scratch={tmp_path / scratch}"]
+
+    # Three independent processes that mostly import, started together (2 cores: faster than in turn).
+    bad_data = JobProcess("validate", "--set", f"data.train={bad}", *common("s1"))
+    missing = JobProcess("validate", "--set", f"data.train={tmp_path / 'missing.jsonl'}", *common("s2"))
+    no_model = JobProcess(
+        "train", "--set", f"data.train={DEMO_TRAIN}", "--set", "model.source=/nonexistent/model", *common("s3")
+    )
+    result = bad_data.result()
     assert result.returncode == 65
     failure = result.events("job_failed")[0]
     assert f"{bad}:1" in failure["error"] and failure["exit_code"] == 65 and "exception" not in failure
-    result = run_job("validate", "--set", f"data.train={tmp_path / 'missing.jsonl'}", *common)
+    result = missing.result()
     assert result.returncode == 66
-    result = run_job("train", "--set", f"data.train={DEMO_TRAIN}", "--set", "model.source=/nonexistent/model", *common)
+    result = no_model.result()
     assert result.returncode == 66 and "not a model directory" in result.events("job_failed")[0]["error"]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("MANIFEST.json"))
 

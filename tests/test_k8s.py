@@ -409,7 +409,7 @@ def test_image_is_pinned(overlay):
 
 
 def test_shipped_config_validates_with_the_job_loader(overlay, tmp_path):
-    config_mod = pytest.importorskip("job.config.schema", reason="the job package is needed to load the config")
+    config_mod = pytest.importorskip("job.config.load", reason="the job package is needed to load the config")
     docs = render(overlay)
     job = the_job(docs)
     env = literal_env(train_container(job))

@@ -305,7 +305,7 @@ def test_rendezvous_endpoint_follows_a_renamed_jobset():
 
 
 def test_every_sft_variable_is_a_config_key_and_sets_the_distributed_section(tmp_path):
-    config_mod = pytest.importorskip("job.config.schema", reason="the job package is needed to load the config")
+    config_mod = pytest.importorskip("job.config.load", reason="the job package is needed to load the config")
     jobset = the_jobset()
     env = pod_env(jobset)
     spec = replicated_job(jobset)["template"]["spec"]
@@ -336,7 +336,7 @@ def test_every_sft_variable_is_a_config_key_and_sets_the_distributed_section(tmp
 
 
 def test_a_misspelt_variable_is_refused_by_the_loader(tmp_path):
-    config_mod = pytest.importorskip("job.config.schema", reason="the job package is needed to load the config")
+    config_mod = pytest.importorskip("job.config.load", reason="the job package is needed to load the config")
     from job.errors import ConfigError
 
     minimal = tmp_path / "minimal.yaml"
@@ -494,7 +494,7 @@ def test_grace_period_covers_the_jobs_grace_budget():
 
 def test_grace_period_covers_the_launchers_shutdown():
     launch = pytest.importorskip("job.dist.launch", reason="the job package holds the launcher's shutdown margin")
-    config_mod = pytest.importorskip("job.config.schema")
+    config_mod = pytest.importorskip("job.config.load")
     env = {k: v for k, v in pod_env().items() if k.startswith("SFT_") and k != "SFT_CONFIG"}
     config = config_mod.load_config(None, environ={**env, "SFT_DATA__TRAIN": "s3://bucket/train.jsonl"})
     ranks_killed_after = config.checkpoint.grace_seconds + launch.SHUTDOWN_MARGIN_SECONDS

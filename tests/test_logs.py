@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow
 
 # A fresh interpreter: huggingface_hub and torch are first imported by setup_logging itself (through
 # transformers), which is when they add their own stderr handlers.

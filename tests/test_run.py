@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEMO_EVAL, cpu_run_args, run_job
+from conftest import DEMO_EVAL, JobProcess, JobResult, cpu_run_args, run_job
 from job.data.masking import IGNORE_INDEX, tokenize_examples
 from job.data.read import load_dataset
 from job.storage.manifest import Manifest, sha256_file
@@ -126,22 +126,32 @@ def test_logs_are_json_lines_with_run_name_and_step_fields(reference_run) -> Non
     assert result.events("chat_template_default_used")
 
 
-def test_rerun_of_a_finished_run_is_a_no_op(reference_run, tiny_model_dir) -> None:
+@pytest.fixture(scope="module")
+def rerun_and_twin(reference_run, tiny_model_dir) -> tuple[dict, JobResult, JobResult]:
+    """The reference run started again (a no-op) and a twin of it, started together: the no-op is mostly
+    imports, which take the second core while the twin starts. (mtimes of the reference before, rerun, twin)"""
     _, run_dir = reference_run
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     tmp = run_dir.parent.parent
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    twin = JobProcess(*cpu_run_args(tmp, tiny_model_dir, "twin"))
     again = run_job(*cpu_run_args(tmp, tiny_model_dir, "reference"))
+    return before, again, twin.result()
+
+
+def test_rerun_of_a_finished_run_is_a_no_op(reference_run, rerun_and_twin) -> None:
+    _, run_dir = reference_run
+    before, again, _ = rerun_and_twin
     assert again.returncode == 0
     assert again.events("already_complete") and not again.events("training_started")
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
-def test_same_seed_gives_bitwise_identical_weights(reference_run, tiny_model_dir) -> None:
+def test_same_seed_gives_bitwise_identical_weights(reference_run, rerun_and_twin, tiny_model_dir) -> None:
     from safetensors.torch import load_file
 
     _, run_dir = reference_run
     tmp = run_dir.parent.parent
-    twin = run_job(*cpu_run_args(tmp, tiny_model_dir, "twin"))
+    twin = rerun_and_twin[2]
     assert twin.returncode == 0, twin.stderr[-3000:]
     first = load_file(run_dir / "final" / "model.safetensors")
     second = load_file(tmp / "outputs" / "twin" / "final" / "model.safetensors")
