@@ -169,3 +169,12 @@ def test_fsdp_divides_the_states_among_ranks_and_ddp_replicates_them() -> None:
     assert fsdp["fits"] and m8["total"] < 24 * GiB
     assert fsdp["tokens_per_second_estimate"] == pytest.approx(8 * one["tokens_per_second_estimate"])
     assert fsdp["mfu_estimate"] == pytest.approx(one["mfu_estimate"])
+
+
+def test_loss_head_tiles_are_the_installed_trls() -> None:
+    """Pins the private TRL constant the planner reads (docs/design.md): the fused LM head's vocabulary tile.
+    If TRL renames it, the planner would fall back to 1.16's values without a word; this fails instead."""
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    assert (planner.HEAD_TOKEN_TILE, planner.HEAD_VOCAB_TILE) == (TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)

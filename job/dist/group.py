@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,7 +74,7 @@ OUTCOMES_ENV = "SFT_RANK_OUTCOMES"
 """Set by our launcher: a directory where each rank records how and when it ended."""
 
 
-def record_outcome(exit_code: int, environ: os._Environ[str] | dict[str, str] = os.environ) -> None:
+def record_outcome(exit_code: int, environ: Mapping[str, str] = os.environ) -> None:
     """As a rank of our launcher: write `rank-<R>.json` (exit code, wall time) just before exiting.
 
     The launcher orders failures by these times: the elastic agent also reports the ranks it tore
@@ -94,12 +95,12 @@ def read_outcomes(directory: Path) -> dict[int, float]:
     return ended
 
 
-def is_worker(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
+def is_worker(environ: Mapping[str, str] = os.environ) -> bool:
     """True in a process started by a torch launcher (ours, torchrun or accelerate launch)."""
     return "LOCAL_RANK" in environ and int(environ.get("WORLD_SIZE", "1")) > 1
 
 
-def ranks_from_env(environ: os._Environ[str] | dict[str, str] = os.environ) -> Ranks:
+def ranks_from_env(environ: Mapping[str, str] = os.environ) -> Ranks:
     if not is_worker(environ):
         return Ranks()
     world = int(environ["WORLD_SIZE"])
