@@ -105,3 +105,14 @@ def test_the_checker_sees_lazy_imports_and_cycles(tmp_path: Path) -> None:
     source.write_text("def f():\n    from job.run import train\n    import job.cli\n")
     assert job_imports(source) == {"job.run", "job.cli"}
     assert unit_of("job.storage.s3") == "storage" and unit_of("job.run") == "run"
+
+
+def test_every_package_directory_is_a_regular_package_that_setuptools_ships() -> None:
+    from setuptools import find_packages
+
+    directories = {
+        ".".join(path.parent.relative_to(JOB.parent).parts)
+        for path in JOB.rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert set(find_packages(str(JOB.parent), include=["job*"])) == directories, "a package lacks __init__.py"
