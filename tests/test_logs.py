@@ -10,8 +10,6 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
-
 # A fresh interpreter: huggingface_hub and torch are first imported by setup_logging itself (through
 # transformers), which is when they add their own stderr handlers.
 SCRIPT = """
@@ -27,6 +25,7 @@ get_logger("job.run").warning("rank 1 warns")
 """
 
 
+@pytest.mark.slow
 def test_library_lines_come_out_once_as_json_and_other_ranks_keep_only_warnings() -> None:
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
@@ -35,3 +34,26 @@ def test_library_lines_come_out_once_as_json_and_other_ranks_keep_only_warnings(
     events = [line["event"] for line in lines]
     assert events == ["hub says once", "torch says once", "transformers says once", "rank 1 warns"]
     assert lines[-1]["rank"] == 1 and "rank" not in lines[0]
+
+
+def test_json_lines_carry_the_run_level_logger_and_hide_no_exception(capsys) -> None:
+    """In-process: our lines and a library's come out as one JSON object each, with the bound run name."""
+    import logging
+
+    from job.logs import bind_run, get_logger, setup_logging
+
+    setup_logging(json_mode=True, level="INFO")
+    bind_run(run="unit-run")
+    get_logger("job.run").info("step", step=3, loss=0.5)
+    logging.getLogger("transformers.trainer").warning("from a library")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        get_logger("job.cli").exception("job_failed", exit_code=1)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert [line["event"] for line in lines] == ["step", "from a library", "job_failed"]
+    assert all(line["run"] == "unit-run" and "timestamp" in line for line in lines)
+    assert (lines[0]["level"], lines[0]["logger"], lines[0]["step"], lines[0]["loss"]) == ("info", "job.run", 3, 0.5)
+    assert (lines[1]["level"], lines[1]["logger"]) == ("warning", "transformers.trainer")
+    assert lines[2]["exception"][0]["exc_type"] == "ValueError"  # the traceback as JSON, without locals
+    assert "locals" not in json.dumps(lines[2]["exception"])

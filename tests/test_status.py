@@ -4,12 +4,55 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
 from conftest import JobProcess, cpu_run_args, run_job
+from job.durability.lease import Lease
+from job.errors import InputNotFound
+from job.publish.export import publish_final
+from job.publish.metrics import MetricsLog
+from job.publish.status import RESOLVED_CONFIG, record_failure, render_status, run_status
+from job.storage import open_store
 
-pytestmark = pytest.mark.slow
+
+def test_every_phase_in_process_from_what_the_store_holds(tmp_path: Path) -> None:
+    """The phases from the same writers the job uses (lease, metrics log, failure record, final/), no process."""
+    store = open_store(str(tmp_path / "runs")).child("unit")
+    with pytest.raises(InputNotFound):
+        run_status(store)
+    store.write_bytes(RESOLVED_CONFIG, b"model: {source: some/model}\ndata: {train: t.jsonl}\ntrain: {max_steps: 10}\n")
+    assert run_status(store)["phase"] == "not-started"
+
+    lease = Lease(store, 30.0)
+    lease.acquire()
+    try:
+        report = run_status(store)
+        assert report["phase"] == "training" and report["lease"]["live"] and report["lease"]["holder"] == lease.holder
+    finally:
+        lease.release()
+    metrics = MetricsLog(store)
+    for step in (1, 2, 3):
+        metrics.add({"step": step, "loss": 1.0 / step, "seconds": 2.0, "max_steps": 10, "tokens_per_second": 50.0})
+    metrics.flush()
+    report = run_status(store)
+    assert report["phase"] == "preempted-waiting" and not report["lease"]["live"]
+    assert report["last_metrics"]["step"] == 3 and report["last_metrics"]["eta_seconds"] == 14.0  # 7 steps x 2 s
+
+    time.sleep(0.01)  # the failure comes after the lease's last heartbeat
+    record_failure(store, 65, "bad data at t.jsonl:3")
+    report = run_status(store)
+    assert report["phase"] == "failed" and report["failure"]["exit_code"] == 65
+    assert "failed" in render_status(report) and "t.jsonl:3" in render_status(report)
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "config.json").write_text("{}")
+    publish_final(store, staging)
+    report = run_status(store)
+    assert report["phase"] == "finished" and report["final"]["files"] == 1
 
 
 def status_of(uri: str) -> tuple[int, dict | None]:
@@ -17,6 +60,7 @@ def status_of(uri: str) -> tuple[int, dict | None]:
     return result.returncode, json.loads(result.stdout) if result.returncode == 0 else None
 
 
+@pytest.mark.slow
 def test_status_through_a_runs_life_and_nan_stops_with_70(tiny_model_dir, tmp_path, s3_bucket) -> None:
     output = f"{s3_bucket.uri}/runs"
     run_uri = f"{output}/life"
