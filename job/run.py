@@ -15,7 +15,6 @@ each node's first rank pulls the resume checkpoint and uploads its node's checkp
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from job.durability.checkpoints import (
     stored_checkpoints,
 )
 from job.durability.lease import Lease
-from job.durability.preemption import SAFETY_SECONDS, Measurements, PreemptedNow, PreemptionHandler
+from job.durability.preemption import Measurements, PreemptedNow, PreemptionHandler
 from job.errors import ConfigError, JobError, Preempted, TrainingFailed
 from job.logs import Heartbeat, get_logger, quiet_unless_main
 from job.model.load import load_model
@@ -361,10 +360,10 @@ class TrainingRun:
         self.timings.publish_seconds = publishing.stop()
 
     def stage_final(self, metrics: dict[str, Any], state_dict: dict[str, Any] | None) -> Path:
-        from job.publish.card import plot_curves, render_card
+        from job.publish.card import hardware, plot_curves, render_card
 
         facts = {
-            "hardware": _hardware(),
+            "hardware": hardware(),
             "world_size": world_size(self.config),
             "preemptions_survived": max(len(self.store.list(STARTS_PREFIX)) - 1, 0),
             "wall_seconds_this_start": round(self.timings.phases_seconds(), 1),
@@ -429,28 +428,7 @@ class TrainingRun:
         measured.upload_seconds = result.seconds
         self.metrics_log.flush(up_to_step=result.step)
         if first:
-            self.check_grace_budget(result)
-
-    def check_grace_budget(self, result: UploadResult) -> None:
-        needed = (self.preemption.save_cost(include_step=True) or 0.0) + SAFETY_SECONDS
-        grace = self.preemption.grace_seconds
-        log.info(
-            "checkpoint_timing",
-            step_seconds=self.preemption.measured.step_seconds,
-            save_seconds=self.preemption.measured.save_seconds,
-            upload_seconds=result.seconds,
-            needed_on_sigterm_seconds=round(needed, 2),
-            grace_seconds=grace,
-        )
-        if needed > grace:
-            log.warning(
-                "checkpoint_slower_than_grace_budget",
-                needed_seconds=round(needed, 1),
-                grace_seconds=grace,
-                consequence="on SIGTERM the job exits without a last save; periodic checkpoints bound the loss",
-                fix=f"checkpoint.grace_seconds >= {needed:.0f} where the platform allows it, "
-                "or save more often (checkpoint.every_minutes)",
-            )
+            self.preemption.check_budget(result.seconds)
 
     def flops_budget(self) -> FlopsBudget | None:
         from job.train.callbacks import FlopsBudget
@@ -460,9 +438,3 @@ class TrainingRun:
             return None  # MFU against a CPU, or a GPU of unknown peak, would be a made-up figure
         per_token = self.plan["flops_per_token"]
         return FlopsBudget(per_token["model"], per_token["hardware"], gpu["peak_bf16_flops"])
-
-
-def _hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB)"
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"

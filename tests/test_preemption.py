@@ -87,3 +87,18 @@ def test_deferred_handler_never_abandons_a_step_and_a_peer_adopts_the_earliest_s
     peer.adopt("SIGTERM on a peer rank", seconds_ago=10.0)
     assert peer.requested and 30 - 10 - SAFETY_SECONDS - 0.5 < peer.remaining() <= 30 - 10 - SAFETY_SECONDS
     assert peer.save_fits(None) is False and peer.save_fits(5.0) is True and peer.save_fits(25.0) is False
+
+
+def test_first_commit_reports_what_a_save_on_sigterm_needs_and_warns_when_it_cannot_fit() -> None:
+    from structlog.testing import capture_logs
+
+    measured = Measurements(step_seconds=4.0, save_seconds=3.0, upload_seconds=10.0)
+    with capture_logs() as fits:
+        PreemptionHandler(25.0, measured).check_budget(upload_seconds=10.0)
+    assert [line["event"] for line in fits] == ["checkpoint_timing"]
+    needed = fits[0]["needed_on_sigterm_seconds"]
+    assert needed == PreemptionHandler(25.0, measured).save_cost(include_step=True) + SAFETY_SECONDS
+    with capture_logs() as tight:
+        PreemptionHandler(needed - 0.5, measured).check_budget(upload_seconds=10.0)
+    assert [line["event"] for line in tight] == ["checkpoint_timing", "checkpoint_slower_than_grace_budget"]
+    assert tight[1]["fix"].startswith(f"checkpoint.grace_seconds >= {needed:.0f}")

@@ -117,6 +117,27 @@ class PreemptionHandler:
             self.signal_time = time.monotonic() - seconds_ago
             self.signal_name = reason
 
+    def check_budget(self, upload_seconds: float) -> None:
+        """After the first committed checkpoint: log what a save on SIGTERM needs, and warn if it cannot fit."""
+        needed = (self.save_cost(include_step=True) or 0.0) + SAFETY_SECONDS
+        log.info(
+            "checkpoint_timing",
+            step_seconds=self.measured.step_seconds,
+            save_seconds=self.measured.save_seconds,
+            upload_seconds=upload_seconds,
+            needed_on_sigterm_seconds=round(needed, 2),
+            grace_seconds=self.grace_seconds,
+        )
+        if needed > self.grace_seconds:
+            log.warning(
+                "checkpoint_slower_than_grace_budget",
+                needed_seconds=round(needed, 1),
+                grace_seconds=self.grace_seconds,
+                consequence="on SIGTERM the job exits without a last save; periodic checkpoints bound the loss",
+                fix=f"checkpoint.grace_seconds >= {needed:.0f} where the platform allows it, "
+                "or save more often (checkpoint.every_minutes)",
+            )
+
     def save_fits(self, cost: float | None) -> bool:
         """At the end of the step: does a save of `cost` seconds (None: never measured) still fit what is left?
         (The step may have run long.) With several ranks, `cost` is rank 0's: one decision for all."""

@@ -103,3 +103,14 @@ def write_plot(figure: Any, directory: Path) -> Path:
     path = directory / PLOT_NAME
     figure.savefig(path, format="png")
     return path
+
+
+def hardware() -> str:
+    """What trained the model, for the card: the GPU and its memory, or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB)"
+    import platform
+
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
