@@ -1,18 +1,9 @@
 """Record formats: detect each record's format and normalise it into an `Example`.
 
-Every format becomes one of three shapes: a chat (`messages`, with the number
-of leading turns that are context only), a plain document (`text`), or a
-string prompt with its completion. Each check names the record's location
-(`file:line` or `file:row N`) and the field at fault.
-
-| format              | fields                                              | becomes                      |
-|---------------------|-----------------------------------------------------|------------------------------|
-| `messages`          | `messages`: [{role, content}]                       | chat, every assistant turn   |
-| `sharegpt`          | `conversations`: [{from, value}] (human/gpt/system) | chat, every assistant turn   |
-| `prompt_completion` | `prompt`, `completion`: strings or turn lists       | completion, or chat trained  |
-|                     |                                                     | only on the completion turns |
-| `alpaca`            | `instruction`, `input` (optional), `output`         | chat: one user, one answer   |
-| `text`              | `text`                                              | document, every token        |
+Every format (`messages`, `sharegpt`, `prompt_completion`, `alpaca`, `text`; the table in
+docs/data.md) becomes one of three shapes: a chat (`messages`, with the number of leading turns
+that are context only), a plain document (`text`), or a string prompt with its completion. Each
+check names the record's location (`file:line` or `file:row N`) and the field at fault.
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """Tokenize examples with loss masks that work for any chat template.
 
-Mistral v0.3's template has no `{% generation %}` markers, so TRL's
-`assistant_only_loss` cannot find the assistant tokens. Instead we find them
-by rendering: the text an assistant turn adds is what follows, in the
-conversation rendered up to and including that turn, the longest tail of the
-conversation rendered up to the turn before it (with the generation prompt).
-That text (the content plus the template's end-of-turn token) is located in
-the full rendering, and the tokens whose characters fall inside it are
-trained. Templates that move earlier parts around (Mistral's puts the system
-prompt into the last user turn) are handled, since only a shared tail is
-required, not a shared prefix.
-
-Rendering every prefix of every conversation costs 2 renders per assistant
-turn, so the method runs once per *turn layout* (the sequence of roles) on a
-probe conversation whose contents are unique markers. That yields, for each
-trained turn, the text the template puts before and after its content. Each
-real conversation is then rendered once and each `before + content + after`
-is located in it; where one is not found (a template that transforms content)
-the example falls back to the full method, and the first examples of every
-layout are checked against the full method, which disables the shortcut on
-any difference.
+Mistral v0.3's template has no `{% generation %}` markers, so TRL's `assistant_only_loss` cannot
+find the assistant tokens. Instead they are found by rendering: the text an assistant turn adds is
+the tail the conversation gains from the turn before it (with the generation prompt) to that turn;
+the tokens whose characters fall inside it are trained. A per-layout shortcut renders each real
+conversation once and is checked against the full method (docs/data.md, "Loss masks").
 """
 
 from __future__ import annotations

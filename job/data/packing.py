@@ -1,26 +1,10 @@
 """Packing: TRL's best-fit decreasing (`trl.pack_dataset(strategy="bfd")`) over a whole split.
 
-Each packed row keeps `seq_lengths`, the lengths of the examples inside it,
-in order. TRL's collator, padding-free, turns them into `position_ids` that
-restart at 0 for every example; transformers derives the block-diagonal
-attention from those restarts (sdpa and eager alike, when there is no
-attention mask and no KV cache), and the collator masks the label at each
-example's first token, so no loss or attention crosses an example boundary.
-
-What this adapter adds to TRL's function, and why:
-
-- One batch. `pack_dataset` runs through `Dataset.map`, which hands it 1000
-  examples at a time by default (as `SFTTrainer` calls it), so every batch
-  ends with its own half-empty rows. The job packs the split as one batch:
-  one best-fit decreasing over every example.
-- Refusal, not truncation. TRL's "bfd" cuts an example longer than the
-  sequence and drops empty ones silently. The job applies `data.truncation`
-  before packing, so such an example here is a bug: DataError.
-- Past 2^31 tokens the columns go 64-bit (`large_list`): one batch of
-  `list<int32>` cannot hold that many values, and TRL keeps the column type.
-
-`bench/packing.py` measures this against the job's former packer and TRL's
-default batching (docs/data.md, "Packing").
+Each packed row keeps `seq_lengths`; TRL's padding-free collator turns them into positions that
+restart per example, so no loss or attention crosses an example boundary. This adapter packs the
+split as one batch (TRL's default of 1000 leaves half-empty rows per batch), refuses over-long or
+empty examples (truncation happened before: such an example is a bug), and goes 64-bit past 2^31
+tokens. Measurements against the former packer: docs/data.md, "Packing".
 """
 
 from __future__ import annotations
