@@ -381,7 +381,9 @@ def _model_config(location: str | None, revision: str | None) -> Any:
 
         if path.is_dir() and (path / "config.json").is_file():
             return AutoConfig.from_pretrained(str(path))
-        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", location) and not path.exists():
+        from job.model.load import HUB_ID  # imported here: the GPU bench loads this module without structlog
+
+        if HUB_ID.match(location) and not path.exists():
             token = os.environ.get("HF_TOKEN") or None
             return AutoConfig.from_pretrained(location, revision=revision, token=token)
     except (OSError, ValueError):
