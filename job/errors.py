@@ -65,6 +65,17 @@ class Preempted(JobError):
     retryable = True
 
 
+class LeaseLost(Preempted):
+    """This process can no longer prove it holds the run's lease: it stops writing and exits 75."""
+
+
+class ScratchFull(JobError):
+    """The local scratch disk is full (or too small); the message names the path, free and needed bytes."""
+
+    exit_code = 74
+    retryable = False
+
+
 class AccessDenied(JobError):
     """Credentials or token rejected (S3 403, Hub 401/403)."""
 
@@ -80,6 +91,7 @@ EXIT_CODES: dict[int, str] = {
     DataError.exit_code: "bad data (the message names file and line)",
     InputNotFound.exit_code: "input not found (dataset, model, bucket)",
     StorageUnavailable.exit_code: "storage unreachable after retries",
+    ScratchFull.exit_code: "local scratch disk full or too small (the message names path, free and needed bytes)",
     TrainingFailed.exit_code: "training failed for a reason a retry repeats",
     Preempted.exit_code: "preempted; the newest durable checkpoint is named in the log",
     AccessDenied.exit_code: "access denied (credentials, Hub token)",
@@ -87,6 +99,6 @@ EXIT_CODES: dict[int, str] = {
 }
 
 FATAL_EXIT_CODES: tuple[int, ...] = tuple(
-    sorted(cls.exit_code for cls in (ConfigError, DataError, InputNotFound, TrainingFailed, AccessDenied))
+    sorted(cls.exit_code for cls in (ConfigError, DataError, InputNotFound, ScratchFull, TrainingFailed, AccessDenied))
 )
 """Codes a retry would repeat: Kubernetes fails the Job on them, the launcher lets them win over others."""

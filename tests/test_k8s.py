@@ -46,7 +46,7 @@ LEASE_TTL_S = 60
 LEASE_HEARTBEAT_S = 20
 JOB_BACKOFF_FIRST_S = 10
 
-FATAL_EXIT_CODES = [64, 65, 66, 70, 77]
+FATAL_EXIT_CODES = [64, 65, 66, 70, 74, 77]
 PREEMPTED_EXIT_CODE = 75
 RETRYABLE_EXIT_CODES = [1, 69]
 
@@ -177,7 +177,7 @@ def test_pod_failure_policy_rules_in_order(overlay):
     assert fatal["onExitCodes"]["containerName"] == "train"
     assert fatal["onExitCodes"]["operator"] == "In"
     values = fatal["onExitCodes"]["values"]
-    assert values == FATAL_EXIT_CODES, "FailJob exactly on config, data, not found, training, access denied"
+    assert values == FATAL_EXIT_CODES, "FailJob exactly on config, data, not found, training, scratch full, access denied"
     assert values == sorted(set(values)), "the API wants exit codes ascending and unique"
     for code in RETRYABLE_EXIT_CODES:
         assert all(code not in r.get("onExitCodes", {}).get("values", []) for r in rules), f"{code} must be counted"
