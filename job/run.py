@@ -268,7 +268,7 @@ class TrainingRun:
         self.timings.load_seconds = beat.stop()
 
     def build_trainer(self) -> None:
-        from job.train.callbacks import CheckpointCallback
+        from job.train.callbacks import CheckpointCallback, StopAtFinalStep
         from job.train.trainer import build_trainer
 
         ranks = self.group.ranks
@@ -298,14 +298,18 @@ class TrainingRun:
             self.prepared.eval.dataset if self.prepared.eval else None,
             self.work / "trainer",
             self.fast,
-            extra_callbacks=[checkpoints],
+            extra_callbacks=[StopAtFinalStep(), checkpoints],
             sink=self.metrics_log.add,
             flops_budget=self.flops_budget(),
             group=self.group,
         )
 
     def fit(self) -> None:
-        """Train to the last step; a SIGTERM stops at a step's end (saving if the budget allows) and exits 75."""
+        """Train to the last step; a SIGTERM stops at a step's end (saving if the budget allows) and exits 75.
+
+        A start that resumes from the final step's checkpoint trains nothing and goes on to publish."""
+        from job.train.callbacks import FinalStepReached
+
         if self.resume:
             log.info("resuming", step=self.resume.step, checkpoint=str(self.resume.directory))
         started = time.monotonic()
@@ -313,6 +317,8 @@ class TrainingRun:
         self.preemption.defer_to_step_end = self.group.distributed
         try:
             self.trainer.train(resume_from_checkpoint=str(self.resume.directory) if self.resume else None)
+        except FinalStepReached:
+            log.info("resumed_at_final_step", step=self.trainer.state.global_step)
         except (TrainingFailed, torch.OutOfMemoryError) as exc:
             if self.uploader is not None:  # keep the last good checkpoint durable
                 self.uploader.wait(timeout=self.config.checkpoint.grace_seconds)
@@ -339,6 +345,8 @@ class TrainingRun:
         """The run's metrics: every start's steps (rank 0 reads them from the store) and the final eval loss."""
         self.history = read_step_metrics(self.store) if self.group.ranks.is_main else []
         metrics: dict[str, Any] = {**self.step_metrics.summary(), "data_format": self.prepared.dataset.format}
+        if metrics["final_step"] is None and self.history:  # resumed at the final step: nothing trained now
+            metrics["final_step"], metrics["final_loss"] = self.history[-1]["step"], self.history[-1]["loss"]
         metrics["loss_per_step"] = [[r["step"], r["loss"]] for r in self.history]
         metrics["resumed_from_step"] = self.resume.step if self.resume else None
         metrics["tokens_seen"] = sum(r.get("tokens", 0) for r in self.history)

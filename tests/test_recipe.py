@@ -2,7 +2,8 @@
 
 `job.run.train` three times on the tiny model, no subprocess: an uninterrupted run; the same config under
 another name, preempted by SIGTERM at the end of step 3 (`SFT_FAULTS=sigterm@3`); and its restart, which
-must resume from step 3 and end with the uninterrupted run's weights, bit for bit.
+must resume from step 3 and end with the uninterrupted run's weights, bit for bit; a fourth, preempted
+at the final step, must publish the same weights without training a step past the end.
 The subprocess versions (real signals from outside, SIGKILLs, S3, two ranks) are in test_resume.py.
 """
 
@@ -109,3 +110,16 @@ def test_train_checkpoint_preempt_and_resume_in_process_equal_an_uninterrupted_r
     assert [s for s, _ in metrics["loss_per_step"]] == list(range(1, STEPS + 1))  # every step exactly once
     assert metrics["loss_per_step"] == reference_metrics["loss_per_step"] == straight["loss_per_step"]
     assert metrics["eval_loss"] == reference_metrics["eval_loss"]
+
+    # (d) Preempted at the final step (its checkpoint committed, final/ not yet): the restart trains no step
+    # past the end; it publishes exactly the uninterrupted run's weights.
+    config = recipe_config(tmp_path, tiny_model_dir, "preempted-at-end")
+    set_faults(f"sigterm@{STEPS}")
+    with pytest.raises(Preempted, match=f"newest durable checkpoint: step {STEPS}"):
+        train(config)
+    set_faults(None)
+    at_end = train(config)
+    assert at_end["resumed_from_step"] == STEPS and at_end["steps"] == 0
+    assert at_end["final_step"] == STEPS and at_end["loss_per_step"] == straight["loss_per_step"]
+    last = load_file(tmp_path / "outputs" / "preempted-at-end" / "final" / "model.safetensors")
+    assert not [k for k in last if not torch.equal(last[k], reference[k])], "one step too many after the last"

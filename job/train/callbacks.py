@@ -3,7 +3,8 @@
 `StepMetrics` turns each optimizer step into a `StepRecord` (loss, trained tokens, learning
 rate, grad norm, tokens/s, MFU) and stops a run that blew up (exit 70). `CheckpointCallback`
 decides when to save (steps, minutes, SIGTERM within the grace budget), agreed across ranks,
-and hands each local checkpoint to the background uploader.
+and hands each local checkpoint to the background uploader. `StopAtFinalStep` ends a start that
+resumed from the final step's checkpoint before Trainer runs one step past it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from job.dist.group import Group
 from job.durability import faults
 from job.durability.checkpoints import CheckpointUploader
 from job.durability.preemption import PreemptionHandler
-from job.errors import StorageUnavailable, TrainingFailed
+from job.errors import LeaseLost, TrainingFailed
 from job.logs import get_logger
 
 log = get_logger(__name__)
@@ -194,6 +195,19 @@ class StepMetrics(TrainerCallback):
         }
 
 
+class FinalStepReached(Exception):
+    """Raised before a step when the resumed state is already at `max_steps`: training is done."""
+
+
+class StopAtFinalStep(TrainerCallback):
+    """Resumed from the final step's checkpoint, Trainer would still run one step (it checks `max_steps`
+    only after a step); stop before it, so the retry publishes exactly what the checkpoint holds."""
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise FinalStepReached(state.global_step)
+
+
 class CheckpointCallback(TrainerCallback):
     """Time- and signal-based saves, measurements for the SIGTERM decision, and hand-off to the uploader."""
 
@@ -237,7 +251,7 @@ class CheckpointCallback(TrainerCallback):
             ]
         )
         if lost:
-            raise StorageUnavailable("lost the run's lease to another process; stopping before writing again")
+            raise LeaseLost("this process can no longer prove it holds the run's lease; stopping before writing again")
         if signal_age >= 0:
             self.preemption.adopt("SIGTERM on a peer rank", signal_age)
             control.should_training_stop = True
