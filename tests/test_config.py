@@ -192,3 +192,12 @@ def test_world_size_from_the_environment_like_any_key() -> None:
     assert config.distributed.world_size == 8 and config.distributed.rdzv_endpoint == "sft-node-0-0.sft:29400"
     assert load_config(None, [*BASE, "train.fsdp=true"], environ={}).train.fsdp is True
     assert load_config(None, [*BASE, "train.fsdp=false"], environ={}).train.fsdp is False
+
+
+@pytest.mark.parametrize("steps", ["0", "-2"])
+def test_max_steps_zero_or_below_minus_one_is_refused(steps: str) -> None:
+    """Trainer takes one step for max_steps 0 and the job would publish that model."""
+    with pytest.raises(ConfigError, match=r"train\.max_steps must be at least 1, or -1") as info:
+        load_config(None, [*BASE, f"train.max_steps={steps}"], environ={})
+    assert info.value.exit_code == 64
+    assert load_config(None, [*BASE, "train.max_steps=-1"], environ={}).train.max_steps == -1

@@ -19,6 +19,7 @@ from job.errors import ConfigError
 DTYPES = ("bfloat16", "float16", "float32")
 FORMATS = ("auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt")
 TRUNCATION_MODES = ("truncate", "drop", "error")
+MIN_RECORD_BYTES = 1024  # below this even a short chat turn is refused
 
 
 @dataclass
@@ -85,12 +86,17 @@ class DataConfig:
     train_on: Literal["assistant", "all"] = "assistant"
     """Chat data: train on assistant turns only (each with its end-of-turn token), or on every token."""
     chat_template: str | None = None
-    """A Jinja chat template (file path or inline) replacing the tokenizer's; empty keeps the tokenizer's."""
+    """A Jinja chat template replacing the tokenizer's; empty keeps the tokenizer's. A value ending in `.jinja` or
+    `.j2`, or written `file:PATH`, is read from that file (at most 256 KiB; nothing under /proc, /sys or /dev, links
+    resolved first); any other value is the template text itself."""
     packing: bool = False
     """Pack examples into sequences of `max_length` (best-fit decreasing), padding-free: positions restart per
     example and no example attends to another."""
     max_invalid: int = 0
     """Bad records that may be skipped (listed in the run's `reports/`); more stop the job with exit 65."""
+    max_record_bytes: int = 8 * 1024 * 1024
+    """Largest record (a JSON Lines line, a JSON array element, a Parquet row) in bytes; a larger one is a bad
+    record (exit 65 naming file:line and its size), found without reading it whole where the format allows."""
     num_proc: int = 0
     """Processes that tokenize (0: every CPU core available to the job)."""
     cache: bool = True
@@ -111,6 +117,8 @@ class DataConfig:
             raise ConfigError(f"data.max_invalid must not be negative, got {self.max_invalid}")
         if self.num_proc < 0:
             raise ConfigError(f"data.num_proc must be 0 (all cores) or more, got {self.num_proc}")
+        if self.max_record_bytes < MIN_RECORD_BYTES:
+            raise ConfigError(f"data.max_record_bytes must be at least {MIN_RECORD_BYTES}, got {self.max_record_bytes}")
 
 
 @dataclass
@@ -129,7 +137,7 @@ class TrainConfig:
     num_train_epochs: float = 3.0
     """Passes over the training data (`max_steps` > 0 overrides)."""
     max_steps: int = -1
-    """Stop after this many optimizer steps (-1: use num_train_epochs)."""
+    """Stop after this many optimizer steps, at least 1 (-1: use num_train_epochs)."""
     lr_scheduler_type: str = "linear"
     """Learning-rate schedule (any transformers scheduler name)."""
     warmup_steps: float = 0
@@ -162,6 +170,10 @@ class TrainConfig:
             raise ConfigError("train batch size and gradient_accumulation_steps must be at least 1")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"train.learning_rate must be a positive number, got {self.learning_rate}")
+        if self.max_steps == 0 or self.max_steps < -1:  # Trainer would still take one step and publish it
+            raise ConfigError(
+                f"train.max_steps must be at least 1, or -1 to use train.num_train_epochs; got {self.max_steps}"
+            )
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("train.num_train_epochs must be positive when train.max_steps is not set")
         if self.logging_steps < 1:
