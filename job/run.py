@@ -1,10 +1,10 @@
 """One start of a run, top to bottom: `train(config)` builds a `TrainingRun` and runs its story.
 
     join the ranks ─ already complete? exit 0 ─ SIGTERM from here on means 75
-    take the lease (one writer) ─ record the config, refuse drift
+    take the lease (one writer) ─ refuse drift from the config recorded when training first began
     prepare inputs (pull, validate, tokenize: bad data fails before any weights load)
     plan (refuse what cannot fit) ─ find the resume point (newest verified checkpoint)
-    load the model ─ build the trainer ─ fit (checkpoints upload in the background) ─ evaluate
+    load the model ─ build the trainer ─ record the config ─ fit (checkpoints upload in the background) ─ evaluate
     publish final/ (MANIFEST.json last) ─ delete checkpoints ─ release the lease
 
 docs/design.md tells the story with the store layout and the exit codes. With several ranks
@@ -187,20 +187,16 @@ class TrainingRun:
             return False
         if self.group.ranks.is_main:
             self.check_config_drift()
-            holder = {"holder": self.lease.holder, "world_size": self.group.ranks.world_size}
-            self.store.write_bytes(f"{STARTS_PREFIX}/{time.time():.3f}.json", json.dumps(holder).encode())
         self.holding_lease = True
         return True
 
     def check_config_drift(self) -> None:
-        """Record the first start's config; refuse (64) a restart that would train something else."""
+        """Refuse (64) a restart that would train something else than the config recorded when training began."""
         text = to_yaml(self.config)
         log.info("config_resolved", config=redacted(self.config.to_dict()))
-        try:
-            self.store.write_bytes(RESOLVED_CONFIG, text.encode(), if_absent=True)
-            return
-        except AlreadyExists:
-            recorded = yaml.safe_load(self.store.read_bytes(RESOLVED_CONFIG))
+        if self.store.stat(RESOLVED_CONFIG) is None:
+            return  # nothing trained yet: a start that failed earlier (bad path, bad data) binds nothing
+        recorded = yaml.safe_load(self.store.read_bytes(RESOLVED_CONFIG))
         changes = config_drift(recorded, yaml.safe_load(text))
         if not changes:
             return
@@ -213,6 +209,19 @@ class TrainingRun:
         body = yaml.safe_dump({"changes": changes}).encode() + text.encode()
         self.store.write_bytes(f"config-changes/{stamp}.yaml", body)
         log.warning("config_changed_allowed", changes=changes)
+
+    def record_start(self) -> None:
+        """Rank 0, as training begins: the first such start records its config as the run's; every one leaves
+        a `logs/starts/` object (the card's count of preemptions survived)."""
+        if not self.group.ranks.is_main:
+            return
+        try:
+            self.store.write_bytes(RESOLVED_CONFIG, to_yaml(self.config).encode(), if_absent=True)
+            log.info("config_recorded", uri=f"{self.store.uri}/{RESOLVED_CONFIG}")
+        except AlreadyExists:
+            pass  # an earlier start trained; check_config_drift compared against it
+        holder = {"holder": self.lease.holder, "world_size": self.group.ranks.world_size}
+        self.store.write_bytes(f"{STARTS_PREFIX}/{time.time():.3f}.json", json.dumps(holder).encode())
 
     def prepare_inputs(self) -> None:
         """Rank 0 pulls and tokenizes (cache in the store), then each other node's first rank (reading that
@@ -312,6 +321,7 @@ class TrainingRun:
 
         if self.resume:
             log.info("resuming", step=self.resume.step, checkpoint=str(self.resume.directory))
+        self.record_start()
         started = time.monotonic()
         # With peers, a signal mid-step is settled at the step's end, together (see preemption).
         self.preemption.defer_to_step_end = self.group.distributed

@@ -20,7 +20,7 @@ from conftest import DEMO_EVAL, DEMO_TRAIN, REPO
 from job.config.load import load_config
 from job.durability import faults
 from job.durability.checkpoints import stored_checkpoints
-from job.errors import Preempted
+from job.errors import InputNotFound, Preempted
 from job.publish.export import FINAL_PREFIX
 from job.run import run_store, train
 
@@ -123,3 +123,18 @@ def test_train_checkpoint_preempt_and_resume_in_process_equal_an_uninterrupted_r
     assert at_end["final_step"] == STEPS and at_end["loss_per_step"] == straight["loss_per_step"]
     last = load_file(tmp_path / "outputs" / "preempted-at-end" / "final" / "model.safetensors")
     assert not [k for k in last if not torch.equal(last[k], reference[k])], "one step too many after the last"
+
+
+def test_a_start_that_failed_before_training_binds_no_config(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Exit 66 on a wrong data path records nothing; the corrected start trains instead of being refused (64)."""
+    wrong = recipe_config(tmp_path, tiny_model_dir, "fixed")
+    wrong.data.train = str(tmp_path / "no-such-file.jsonl")
+    store = run_store(wrong)
+    with pytest.raises(InputNotFound):
+        train(wrong)
+    assert store.stat("config.resolved.yaml") is None and store.list("logs/starts") == []
+    fixed = train(recipe_config(tmp_path, tiny_model_dir, "fixed"))
+    assert fixed["final_step"] == STEPS
+    recorded = store.read_bytes("config.resolved.yaml").decode()
+    assert str(DEMO_TRAIN) in recorded and "no-such-file" not in recorded
+    assert len(store.list("logs/starts")) == 1  # the failed start survived no preemption
