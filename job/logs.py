@@ -2,7 +2,9 @@
 
 JSON lines when stderr is not a terminal (containers, CI), readable console
 lines on a terminal. Logs go to stderr so that `--json` results on stdout stay
-machine-readable. Every line carries the run name once it is bound.
+machine-readable. Every line carries the run name once it is bound. Every line, ours or a
+library's, passes `sanitize`: credentials in URLs (`scheme://user:pass@host`) are masked and a
+long value is cut, so neither a secret nor a megabyte record ever reaches the log.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -27,6 +30,99 @@ _JSON_TRACEBACKS = structlog.processors.ExceptionRenderer(
 )
 
 
+# ---------------------------------------------------------------- redaction and cutting
+
+_WHITESPACE = re.compile(r"\s")
+_USER_END = re.compile(r"[\s/?#@:]")
+_DANGLING_AUTHORITY = re.compile(r"://[^\s/]*$")
+CUT_MARK = "…[cut {} chars]"
+VALUE_LIMIT = 1000
+"""Longest string value in a log line: enough for a multi-line error message, not for a quoted record."""
+TRACEBACK_LIMIT = 20_000
+"""Longest string inside exception text and tracebacks."""
+_LONG_KEYS = frozenset({"exception", "exc_info", "stack", "traceback"})
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the user info of every URL in it masked: `scheme://user:pass@host` -> `scheme://***@host`.
+
+    Any scheme (http, s3, postgres...), with or without a password, inside longer text too. A password
+    may hold anything but whitespace (unencoded AWS secrets have '/', some passwords '@'), so it runs to
+    the last '@' of its whitespace-delimited token; a port followed by an '@' later in the same token
+    is masked too: over-masking a rare URL beats leaking a password. Linear time, whatever the text.
+    """
+    if "://" not in text:
+        return text
+    pieces: list[str] = []
+    copied = 0  # text[:copied] is in pieces
+    token_end = last_at = -1
+    found = text.find("://")
+    while found != -1:
+        start = found + 3
+        if start > token_end:  # a new token: where it ends and its last '@', once per token
+            space = _WHITESPACE.search(text, start)
+            token_end = space.start() if space else len(text)
+            last_at = text.rfind("@", start, token_end)
+        stop = _USER_END.search(text, start, token_end)
+        end = -1
+        if stop is not None and stop.group() == "@":
+            end = stop.start()  # user@host
+        elif stop is not None and stop.group() == ":" and last_at > stop.start():
+            end = last_at  # user:password@host
+        if end == -1:
+            found = text.find("://", start)
+            continue
+        pieces += [text[copied:start], "***"]
+        copied = end
+        found = text.find("://", end)
+    pieces.append(text[copied:])
+    return "".join(pieces)
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters with a marker saying how much was cut; URLs redacted.
+
+    For values quoted in messages (`cannot use {shorten(repr(value))}`): a 1 MB value stays out of logs."""
+    if len(text) <= limit:
+        return redact_urls(text)
+    head = redact_urls(text[:limit])
+    # A URL cut before its '@' escaped the pattern above: mask what is left of its authority.
+    head = _DANGLING_AUTHORITY.sub("://***", head)
+    return head + CUT_MARK.format(len(text) - limit)
+
+
+def sanitize(value: Any, limit: int = VALUE_LIMIT) -> Any:
+    """`value` with every string in it (nested in dicts, lists, tuples) redacted and cut to `limit`."""
+    if isinstance(value, str):
+        return shorten(value, limit)
+    if isinstance(value, dict):
+        return {k: sanitize(v, TRACEBACK_LIMIT if k in _LONG_KEYS else limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [sanitize(v, limit) for v in value]
+    if isinstance(value, tuple) and not (len(value) == 3 and isinstance(value[1], BaseException)):
+        return tuple(sanitize(v, limit) for v in value)  # an exc_info triple is left to the renderer
+    if isinstance(value, BaseException):
+        return shorten(f"{type(value).__name__}: {value}", limit)
+    return value
+
+
+def _sanitize_event(_logger: Any, _name: str, event: dict) -> dict:
+    return sanitize(event)
+
+
+def _redacting(renderer: Any) -> Any:
+    """The renderer, then a last pass over the rendered line: values rendered late (an object's str(),
+    the console renderer's tracebacks) have not been through `sanitize`."""
+
+    def render(logger: Any, name: str, event: dict) -> str:
+        return redact_urls(renderer(logger, name, event))
+
+    return render
+
+
+# ---------------------------------------------------------------- setup
+
+
 def setup_logging(*, json_mode: bool | None = None, level: str | None = None) -> None:
     """Configure structlog and route the standard library's loggers through it (idempotent)."""
     global _configured
@@ -42,14 +138,15 @@ def setup_logging(*, json_mode: bool | None = None, level: str | None = None) ->
     renderer: Any = (
         structlog.processors.JSONRenderer(default=str)
         if json_mode
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=_console_tracebacks())
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _JSON_TRACEBACKS if json_mode else _identity,
-            renderer,
+            _sanitize_event,
+            _redacting(renderer),
         ],
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -68,6 +165,13 @@ def setup_logging(*, json_mode: bool | None = None, level: str | None = None) ->
     warnings.filterwarnings("default", category=DeprecationWarning, module="job")
     _bridge_third_party(json_mode, level_name)
     _configured = True
+
+
+def _console_tracebacks() -> Any:
+    """Console tracebacks without local variables (rich shows them by default): locals can hold credentials."""
+    if getattr(structlog.dev, "rich", None) is not None:
+        return structlog.dev.RichTracebackFormatter(show_locals=False)
+    return structlog.dev.plain_traceback
 
 
 def _identity(_logger: Any, _name: str, event: dict) -> dict:

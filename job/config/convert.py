@@ -1,7 +1,9 @@
 """Convert config values (YAML scalars, environment strings) to their dataclass field's type.
 
 YAML 1.1 reads `1e-5` as a string and environment variables are always strings, so every value
-goes through here; one that cannot be converted is a ConfigError naming its key.
+goes through here; one that cannot be converted is a ConfigError naming its key. Every YAML text
+(the config file, flow values in variables and `--set`) is read by `load_yaml`, which refuses alias
+bombs, deep nesting and oversized input before building anything.
 """
 
 from __future__ import annotations
@@ -15,6 +17,81 @@ from typing import Any, Literal
 import yaml
 
 from job.errors import ConfigError
+from job.logs import shorten
+
+MAX_YAML_BYTES = 1024 * 1024
+"""A config is a few KB; a larger text is a mistake (or an attack), refused before parsing."""
+MAX_ALIAS_EXPANSION = 10_000
+"""Nodes that aliases may add once expanded: a few shared mappings add dozens, a billion laughs 10^9."""
+MAX_DEPTH = 32
+"""Nesting of mappings and lists: the deepest real config (an fsdp_config) has 3 or 4 levels."""
+
+
+class _AliasMarkingLoader(yaml.SafeLoader):
+    """A SafeLoader that remembers where each alias is, so that a refusal can name the line."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.alias_marks: list[Any] = []
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.alias_marks.append(self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, origin: str) -> Any:
+    """`yaml.safe_load(text)` with bounds: ConfigError naming `origin` (and the line) for input larger
+    than MAX_YAML_BYTES, nesting deeper than MAX_DEPTH, or aliases whose expansion would add more than
+    MAX_ALIAS_EXPANSION nodes (or refer to themselves). safe_load shares aliased objects cheaply; it is
+    whoever walks the result later (deepcopy, dumps, drift) that would expand a bomb, so it is stopped here,
+    on the composed node graph, before any Python object exists."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{origin}: {len(text)} characters of YAML, more than the {MAX_YAML_BYTES} allowed")
+    loader = _AliasMarkingLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{origin}: YAML nested deeper than {MAX_DEPTH} levels") from None
+        if node is None:
+            return None
+        _check_graph(node, origin, loader.alias_marks)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_graph(root: Any, origin: str, alias_marks: list[Any]) -> None:
+    distinct: dict[int, int] = {}  # id(node) -> nodes under it once aliases are expanded
+    open_nodes: set[int] = set()
+    where = f" (first alias at line {alias_marks[0].line + 1})" if alias_marks else ""
+
+    def expanded(node: Any, depth: int) -> int:
+        if id(node) in distinct:
+            return distinct[id(node)]
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{origin}: line {node.start_mark.line + 1}: YAML nested deeper than {MAX_DEPTH} levels")
+        if id(node) in open_nodes:
+            raise ConfigError(f"{origin}: an alias refers to the mapping or list that contains it{where}")
+        open_nodes.add(id(node))
+        children: list[Any] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        total = 1 + sum(expanded(child, depth + 1) for child in children)
+        open_nodes.discard(id(node))
+        distinct[id(node)] = total
+        return total
+
+    added = expanded(root, 0) - len(distinct)
+    if added > MAX_ALIAS_EXPANSION:
+        raise ConfigError(
+            f"{origin}: YAML aliases would expand to {added} more nodes, more than the {MAX_ALIAS_EXPANSION} "
+            f"allowed{where}",
+            hint="repeat the values, or share fewer and smaller anchors",
+        )
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
@@ -22,7 +99,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     try:
         return _coerce(value, hint)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{key}: cannot use {value!r}: {exc}") from None
+        raise ConfigError(f"{key}: cannot use {shorten(repr(value))}: {shorten(str(exc))}") from None
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -91,7 +168,10 @@ def _coerce(value: Any, hint: Any) -> Any:
         return [_coerce(item, inner) for item in items]
     if origin is dict or hint is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = load_yaml(value, "YAML")
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
         if not isinstance(value, dict):
             raise ValueError("expected a mapping")
         return dict(value)

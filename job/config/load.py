@@ -1,8 +1,9 @@
 """Load the config: defaults < YAML file < `SFT_<SECTION>__<KEY>` variables < `--set`, then validate.
 
 Every value is converted to its field's type (YAML 1.1 reads `1e-5` as a string) and every
-unknown key is an error naming the closest valid one. `to_yaml`/`redacted` write it back out
-with secret-looking values hidden.
+unknown key is an error naming the closest valid one; an unknown `SFT_*` variable names itself and
+the closest valid variable. YAML goes through `convert.load_yaml` (bounded: no alias bombs).
+`to_yaml`/`redacted` write it back out with secret-looking values and URL credentials hidden.
 """
 
 from __future__ import annotations
@@ -18,12 +19,31 @@ from typing import Any
 
 import yaml
 
-from job.config.convert import coerce
+from job.config.convert import MAX_YAML_BYTES, coerce, load_yaml
 from job.config.schema import ALIASES, OWNED_ELSEWHERE, SECTION_TYPES, JobConfig, TrainConfig
 from job.errors import ConfigError
+from job.logs import redact_urls, shorten
 
 ENV_PREFIX = "SFT_"
 CONFIG_ENV = "SFT_CONFIG"
+NOT_CONFIG_ENV = frozenset(
+    {
+        CONFIG_ENV,
+        "SFT_LOG_LEVEL",  # job.logs
+        "SFT_LOG_FORMAT",  # job.cli
+        "SFT_HEARTBEAT_SECONDS",  # job.logs.Heartbeat
+        "SFT_FAULTS",  # job.durability.faults (tests)
+        "SFT_RANK_OUTCOMES",  # job.dist: set by the launcher for its ranks
+        "SFT_IMAGE",  # scripts/submit-run.sh, often exported in the same shell
+        "SFT_NAMESPACE",
+        "SFT_OVERLAY",
+        "SFT_POLL_SECONDS",
+    }
+)
+"""`SFT_*` variables that are not config values: every other one must be `SFT_<SECTION>__<KEY>`."""
+# Kubernetes injects `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT_80_TCP`... for every Service in the namespace
+# (enableServiceLinks): a Service named `sft` or `sft-x` must not stop the job.
+_SERVICE_LINK = re.compile(r"SFT(_[A-Z0-9_]+)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)\w*)?)")
 
 
 def load_config(
@@ -82,11 +102,14 @@ def _read_file_layer(path: str, read_text: typing.Callable[[str], str] | None) -
         local = Path(path.removeprefix("file://"))
         if not local.is_file():
             raise ConfigError(f"config file {path} does not exist", hint="check --config / SFT_CONFIG")
+        size = local.stat().st_size
+        if size > MAX_YAML_BYTES:  # before reading it: a config is a few KB
+            raise ConfigError(f"config file {path}: {size} bytes, more than the {MAX_YAML_BYTES} allowed")
         text = local.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, f"config file {path}")
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {shorten(str(exc), 1000)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -97,12 +120,36 @@ def _read_file_layer(path: str, read_text: typing.Callable[[str], str] | None) -
 def _env_layer(environ: typing.Mapping[str, str]) -> dict[str, dict[str, Any]]:
     layer: dict[str, dict[str, Any]] = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV or "__" not in name:
+        if not name.startswith(ENV_PREFIX) or name in NOT_CONFIG_ENV or _SERVICE_LINK.fullmatch(name):
             continue
+        origin = f"environment variable {name}"
+        if "__" not in name:
+            raise ConfigError(
+                f"{origin} is not a config variable (SFT_<SECTION>__<KEY>){_suggest_variable(name)}",
+                hint="unset it, or see `entrypoint.py config --reference` for every variable",
+            )
         section, _, key = name[len(ENV_PREFIX) :].partition("__")
-        _check_section(section.lower(), f"environment variable {name}")
-        layer.setdefault(section.lower(), {})[key.lower()] = _parse_scalar(value)
+        section, key = section.lower(), key.lower()
+        if section not in SECTION_TYPES:
+            raise ConfigError(f"{origin}: unknown section '{section}'{_suggest_variable(name)}")
+        try:
+            _canonical_key(section, key, origin)
+        except ConfigError as exc:
+            if "unknown key" not in exc.message:
+                raise
+            raise ConfigError(f"{origin}: unknown key '{section}.{key}'{_suggest_variable(name)}") from None
+        layer.setdefault(section, {})[key] = _parse_scalar(value, origin)
     return layer
+
+
+def _suggest_variable(name: str) -> str:
+    """The valid variable closest to `name`: `SFT_TRAIN__LEARNIG_RATE` -> `SFT_TRAIN__LEARNING_RATE`."""
+    valid = set(NOT_CONFIG_ENV)
+    for section, cls in SECTION_TYPES.items():
+        keys = (_field_names(cls) - {"extra"}) | (set(sft_config_fields()) if section == "train" else set())
+        valid |= {f"{ENV_PREFIX}{section.upper()}__{key.upper()}" for key in keys}
+    close = difflib.get_close_matches(name.upper(), sorted(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _overrides_layer(overrides: typing.Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -111,16 +158,18 @@ def _overrides_layer(overrides: typing.Sequence[str]) -> dict[str, dict[str, Any
         dotted, sep, value = item.partition("=")
         section, dot, key = dotted.strip().partition(".")
         if not sep or not dot or not key:
-            raise ConfigError(f"--set {item!r} is not of the form section.key=value", hint="e.g. train.seed=1")
-        _check_section(section, f"--set {item}")
-        layer.setdefault(section, {})[key] = _parse_scalar(value)
+            raise ConfigError(
+                f"--set {shorten(repr(item))} is not of the form section.key=value", hint="e.g. train.seed=1"
+            )
+        _check_section(section, f"--set {shorten(item)}")
+        layer.setdefault(section, {})[key] = _parse_scalar(value, f"--set {section}.{key}")
     return layer
 
 
-def _parse_scalar(text: str) -> Any:
-    """Environment and --set values are YAML scalars (or flow lists/maps)."""
+def _parse_scalar(text: str, origin: str) -> Any:
+    """Environment and --set values are YAML scalars (or flow lists/maps), bounded like the file."""
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        return load_yaml(text, origin) if text.strip() else None
     except yaml.YAMLError:
         return text
 
@@ -175,16 +224,23 @@ SECRET_PATTERN = re.compile(r"(secret|token|password|credential|access_key|sessi
 
 
 def redacted(data: Any) -> Any:
-    """A copy safe to log: values under secret-looking keys are replaced."""
+    """A copy safe to log and to publish: values under secret-looking keys are replaced, and every string
+    has the credentials of its URLs masked (`http://user:pass@host` -> `http://***@host`)."""
     if isinstance(data, dict):
         return {
             k: ("***" if SECRET_PATTERN.search(str(k)) and v not in (None, "") else redacted(v))
             for k, v in data.items()
         }
-    if isinstance(data, list):
+    if isinstance(data, (list, tuple)):
         return [redacted(v) for v in data]
+    if isinstance(data, str):
+        return redact_urls(data)
     return data
 
 
 def to_yaml(config: JobConfig) -> str:
+    """The config as YAML, redacted: what `config.resolved.yaml`, the model card and `config` show.
+
+    Drift compares two of these, so a restart with the same credentials in a URL is not drift
+    (nor is one with changed credentials: they are not what is trained)."""
     return yaml.safe_dump(redacted(config.to_dict()), sort_keys=False, allow_unicode=True)

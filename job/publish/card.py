@@ -3,7 +3,8 @@
 YAML front matter (base_model, license placeholder, tags, datasets), then the facts an owner
 needs afterwards: data fingerprint and statistics, hardware, wall time, tokens, throughput,
 eval results, preemptions survived, the full resolved config, and `training_curves.png`
-(loss, learning rate and eval loss per step, read from the run's metrics chunks).
+(loss, learning rate and eval loss per step, read from the run's metrics chunks). The card is
+public: the credentials of every URL in it (model source, data files, config) are masked.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from job import __version__
 from job.config.load import to_yaml
 from job.config.schema import JobConfig
+from job.logs import redact_urls
 
 PLOT_NAME = "training_curves.png"
 
@@ -67,7 +69,8 @@ def render_card(
     files = "\n".join(f"| `{name}` | `{digest}` |" for name, digest in sorted(data_files.items()))
     shown = {k: v for k, v in {**metrics, **(facts or {})}.items() if not isinstance(v, (list, dict))}
     curves = f"\n## Training curves\n\n![loss and learning rate]({plot})\n" if plot else ""
-    return f"""---
+    # One pass over the whole text: base_model, data file names and facts can all be URLs.
+    return redact_urls(f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
 
@@ -96,7 +99,7 @@ max length {config.data.max_length}.
 ```yaml
 {to_yaml(config).strip()}
 ```
-"""
+""")
 
 
 def write_plot(figure: Any, directory: Path) -> Path:

@@ -3,6 +3,8 @@
 Phases: `not-started` (nothing written yet), `training` (a live lease), `preempted-waiting`
 (checkpoints or metrics but no live lease and no final output: a retry will resume),
 `failed` (a non-retryable failure was recorded after the last lease heartbeat), `finished`.
+Everything shown is redacted (URL credentials masked) and the failure message is cut: anyone who
+can read the store can read `status`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import statistics
 import time
 from typing import Any
 
-import yaml
-
+from job.config.convert import load_yaml
 from job.durability.checkpoints import checkpoint_prefix, stored_checkpoints
 from job.durability.lease import LEASE_KEY, LeaseRecord
 from job.errors import InputNotFound
+from job.logs import sanitize, shorten
 from job.publish.export import FINAL_PREFIX
 from job.publish.metrics import read_step_metrics
 from job.storage import Store
@@ -28,7 +30,7 @@ FAILURE_KEY = "reports/failure.json"
 
 def record_failure(store: Store, exit_code: int, error: str) -> None:
     """Leave a trace of a non-retryable failure for `status` (best effort: never masks the error)."""
-    body = {"exit_code": exit_code, "error": error, "time": time.time()}
+    body = {"exit_code": exit_code, "error": shorten(error, 2000), "time": time.time()}
     with contextlib.suppress(Exception):  # the store may be the thing that failed
         store.write_bytes(FAILURE_KEY, json.dumps(body).encode())
 
@@ -63,20 +65,24 @@ def run_status(store: Store, now: float | None = None) -> dict[str, Any]:
         phase = "not-started"
 
     newest = checkpoints[0] if checkpoints else None
-    return {
-        "uri": store.uri,
-        "phase": phase,
-        "config": _summary(config),
-        "checkpoints": checkpoints,
-        "newest_durable_step": newest["step"] if newest else None,
-        "newest_durable_age_seconds": round(now - newest["time"], 1) if newest else None,
-        "lease": {"holder": lease.holder, "live": live, "expires_in_seconds": round(lease.expires - now, 1)}
-        if lease
-        else None,
-        "final": {"files": len(final.files), "bytes": final.total_bytes, "time": final.created} if final else None,
-        "failure": failure,
-        "last_metrics": _last_metrics(steps),
-    }
+    # Redacted on the way out too: a config or failure recorded by an older version may hold credentials.
+    return sanitize(
+        {
+            "uri": store.uri,
+            "phase": phase,
+            "config": _summary(config),
+            "checkpoints": checkpoints,
+            "newest_durable_step": newest["step"] if newest else None,
+            "newest_durable_age_seconds": round(now - newest["time"], 1) if newest else None,
+            "lease": {"holder": lease.holder, "live": live, "expires_in_seconds": round(lease.expires - now, 1)}
+            if lease
+            else None,
+            "final": {"files": len(final.files), "bytes": final.total_bytes, "time": final.created} if final else None,
+            "failure": failure,
+            "last_metrics": _last_metrics(steps),
+        },
+        limit=2000,
+    )
 
 
 def _last_metrics(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -113,7 +119,7 @@ def _summary(config: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _read_yaml(store: Store, key: str) -> Any:
-    return yaml.safe_load(store.read_bytes(key)) if store.exists(key) else None
+    return load_yaml(store.read_bytes(key).decode(), f"{store.uri}/{key}") if store.exists(key) else None
 
 
 def _read_json(store: Store, key: str) -> Any:

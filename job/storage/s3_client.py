@@ -5,6 +5,11 @@ from `storage.endpoint_url`, else `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`
 from boto3's default chain (environment, web identity / IRSA, shared files, instance role).
 botocore's exceptions never leave this package: `translate_errors` turns them into the job's
 exit-code exceptions, naming the URI and never a credential.
+
+Credentials in the endpoint URL (`http://user:pass@minio:9000`) are stripped before boto3 sees it,
+with one warning: S3 signs every request with the access key (SigV4), botocore never sends URL user
+info, and it would print it in its debug lines and connection errors. Refusing such an endpoint
+would break setups that work (the keys come from the environment anyway), so it is ignored.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, field
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 import botocore.exceptions as bex
@@ -29,6 +33,7 @@ from s3transfer.exceptions import RetriesExceededError
 
 from job.config.schema import StorageConfig
 from job.errors import AccessDenied, ConfigError, InputNotFound, JobError, StorageUnavailable
+from job.logs import redact_urls
 
 log = structlog.get_logger(__name__)
 
@@ -66,22 +71,42 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
+_ENDPOINT_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_warned_endpoints: set[str] = set()
+
+
 def resolve_endpoint(settings: StorageConfig) -> str | None:
-    """The endpoint URL by the SDK's precedence; None means AWS's own endpoints."""
-    endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint and not endpoint.startswith(("http://", "https://")):
-        raise ConfigError(f"S3 endpoint {redact_url(endpoint)!r} is not an http(s) URL")
-    return endpoint or None
+    """The endpoint URL by the SDK's precedence, without user info; None means AWS's own endpoints."""
+    setting, endpoint = "storage.endpoint_url", settings.endpoint_url
+    for name in _ENDPOINT_SETTINGS:
+        if not endpoint:
+            setting, endpoint = name, os.environ.get(name)
+    if not endpoint:
+        return None
+    if not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"S3 endpoint {redact_urls(endpoint)!r} ({setting}) is not an http(s) URL")
+    stripped = redact_url(endpoint)
+    if stripped != endpoint and endpoint not in _warned_endpoints:
+        _warned_endpoints.add(endpoint)  # once per process: connect() runs for every store
+        log.warning(
+            "s3_endpoint_credentials_ignored",
+            setting=setting,
+            endpoint=stripped,
+            hint="S3 requests are signed with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or IRSA, a profile, a role); "
+            "user info in the endpoint URL is never sent: remove it",
+        )
+    return stripped
 
 
 def redact_url(url: str) -> str:
-    """`url` without any user:password part (some users put keys in endpoint URLs)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    """`url` without any user info: `http://user:pass@host:9000/` -> `http://host:9000/`.
+
+    The user info runs to the last '@' (unencoded '/' and '@' occur in passwords, where urlsplit
+    would stop early and leave part of the password in the host)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return f"{scheme}://{rest[rest.rfind('@') + 1 :]}"
 
 
 # ---------------------------------------------------------------- secrets in logs
@@ -108,7 +133,7 @@ class RedactSecrets(logging.Filter):
 def redact(text: str) -> str:
     for secret in RedactSecrets.secrets:
         text = text.replace(secret, "***")
-    return RedactSecrets._TOKEN.sub(r"\1***", text)
+    return redact_urls(RedactSecrets._TOKEN.sub(r"\1***", text))
 
 
 _FILTER = RedactSecrets()
