@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import json
 import shutil
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import requests
 from huggingface_hub import errors as hub
 
+from job.config.load import load_config
 from job.config.schema import ModelConfig, StorageConfig
 from job.errors import AccessDenied, ConfigError, InputNotFound, StorageUnavailable
 from job.model.load import ModelSource, hub_errors, load_model, load_tokenizer, resolve_source
@@ -80,3 +83,46 @@ def test_pickle_only_weights_are_refused(tmp_path: Path, tiny_model_dir: Path) -
 
 def test_trust_remote_code_is_off_by_default() -> None:
     assert ModelConfig().trust_remote_code is False
+
+
+@pytest.fixture
+def remote_code_model(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """The tiny model re-labelled as a custom architecture whose code ships with it (auto_map)."""
+    model_dir = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(model_type="x-custom", architectures=["XModel"])
+    config["auto_map"] = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "remote-code-ran"
+    (model_dir / "configuration_x.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PretrainedConfig\n"
+        "class XConfig(PretrainedConfig):\n    model_type = 'x-custom'\n"
+    )
+    return model_dir
+
+
+def test_a_model_that_needs_remote_code_is_a_config_error_that_runs_nothing(
+    remote_code_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from job.plan.memory import plan_job
+    from job.train.fastpath import _model_config
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # transformers must not ask (and be answered)
+    config = load_config(None, [f"model.source={remote_code_model}", "data.train=x.jsonl"], environ={})
+    with pytest.raises(ConfigError, match="needs its own Python code") as info:
+        plan_job(config)
+    assert "trust_remote_code" in str(info.value)
+    with pytest.raises(ConfigError, match="needs its own Python code"):
+        load_model(ModelSource(str(remote_code_model), "local", None), ModelConfig(dtype="float32"), "cpu")
+    assert _model_config(str(remote_code_model), None) is None  # the fast path only falls back
+    assert not (tmp_path / "remote-code-ran").exists()
+
+
+def test_a_model_directory_without_a_tokenizer_is_input_not_found(tmp_path: Path, tiny_model_dir: Path) -> None:
+    model_dir = tmp_path / "weights-only"
+    model_dir.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", model_dir / "config.json")
+    with pytest.raises(InputNotFound, match="no usable tokenizer"):
+        load_tokenizer(ModelSource(str(model_dir), "local", None), ModelConfig())

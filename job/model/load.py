@@ -99,12 +99,33 @@ def _map_hub_error(exc: BaseException, source: ModelSource) -> Exception | None:
         if isinstance(cause, (hub.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
             return StorageUnavailable(f"cannot reach the Hub for {where}", hint="check the network or HF_HUB_OFFLINE")
     text = str(exc)
+    if "trust_remote_code" in text:
+        return ConfigError(
+            f"model {where} needs its own Python code to load (custom architecture); model.trust_remote_code is off",
+            hint="use a model that transformers supports natively, or set model.trust_remote_code: true only if"
+            " you have read that code: it runs inside the job with its credentials",
+        )
+    if "Unrecognized model" in text or "does not recognize this architecture" in text:
+        return ConfigError(
+            f"model {where}: this transformers cannot build its architecture ({_first_line(text)})",
+            hint="check config.json's model_type, or use an image with a newer transformers",
+        )
+    if "backend tokenizer" in text or "Can't load tokenizer" in text:
+        return InputNotFound(
+            f"model {where} has no usable tokenizer (tokenizer.json or tokenizer.model)",
+            hint="copy the base model's tokenizer files into the model directory",
+        )
     if "safetensors" in text.lower() and ("does not appear to have" in text or "no file named" in text.lower()):
         return InputNotFound(
             f"model {where} has no safetensors weights",
             hint="convert it to safetensors; pickle weights are refused for safety",
         )
     return None
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit] + "…"
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -80,8 +80,10 @@ class ModelShape:
         return sum(self.sizes)
 
 
-def load_model_config(source: Any) -> Any:
-    """A transformers config from a dict, a `PretrainedConfig`, config.json, a model directory or a hub id."""
+def load_model_config(source: Any, *, trust_remote_code: bool = False) -> Any:
+    """A transformers config from a dict, a `PretrainedConfig`, config.json, a model directory or a hub id.
+
+    `trust_remote_code` is passed on explicitly: left unset, transformers would ask on stdin."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(source, PretrainedConfig):
@@ -91,7 +93,7 @@ def load_model_config(source: Any) -> Any:
     if isinstance(source, Mapping):
         values = dict(source)
         return AutoConfig.for_model(values.pop("model_type"), **values)
-    return AutoConfig.from_pretrained(str(source))
+    return AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
 
 
 def model_shape(config: Any) -> ModelShape:
@@ -222,12 +224,13 @@ def make_plan(
     epochs: float = 1.0,
     world_size: int = 1,
     sharded: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Plan memory and time; see the module docstring for what each figure counts.
 
     `world_size` ranks train in parallel (the time divides); `sharded` (FSDP) also divides the weights,
     gradients and optimizer states among them, plus two gathered layers; DDP replicates them."""
-    config = load_model_config(model_config)
+    config = load_model_config(model_config, trust_remote_code=trust_remote_code)
     shape = model_shape(config)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     detected = flops.detect_gpu() if gpu_memory_bytes is None or gpu_name is None else None
@@ -394,6 +397,7 @@ def plan_job(
             epochs=epochs or 1.0,
             world_size=world_size(config),
             sharded=train.fsdp,
+            trust_remote_code=config.model.trust_remote_code,
         )
 
 

@@ -371,7 +371,7 @@ def checkpoint_budget(
     return budget, ""
 
 
-def _model_config(location: str | None, revision: str | None) -> Any:
+def _model_config(location: str | None, revision: str | None, trust_remote_code: bool = False) -> Any:
     """The transformers config at `location` (a directory or a Hub id), or None when it cannot be read here."""
     if not location:
         return None
@@ -380,12 +380,14 @@ def _model_config(location: str | None, revision: str | None) -> Any:
         from transformers import AutoConfig
 
         if path.is_dir() and (path / "config.json").is_file():
-            return AutoConfig.from_pretrained(str(path))
+            return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         from job.model.load import HUB_ID  # imported here: the GPU bench loads this module without structlog
 
         if HUB_ID.match(location) and not path.exists():
             token = os.environ.get("HF_TOKEN") or None
-            return AutoConfig.from_pretrained(location, revision=revision, token=token)
+            return AutoConfig.from_pretrained(
+                location, revision=revision, token=token, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError):
         return None
     return None
@@ -404,7 +406,7 @@ def choose_fast_path(config: Any, dev: DeviceInfo, model_location: str | None = 
     budget, note = None, "no GPU to plan for"
     if dev.kind == "cuda" and train.activation_checkpointing and str(layers).lower() == "auto":
         budget, note = checkpoint_budget(
-            _model_config(model_location or model.source, model.revision),
+            _model_config(model_location or model.source, model.revision, model.trust_remote_code),
             dev,
             dtype=model.dtype,
             optimizer=train.optim,
