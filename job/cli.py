@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -16,7 +17,7 @@ from job.config.load import load_config, to_yaml
 from job.config.reference import reference_page
 from job.config.schema import JobConfig
 from job.errors import UNEXPECTED_EXIT_CODE, ConfigError, JobError, Preempted
-from job.logs import bind_run, get_logger, setup_logging
+from job.logs import bind_run, get_logger, redact_urls, setup_logging, shorten
 
 log = get_logger("job.cli")
 
@@ -122,12 +123,12 @@ def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool)
 
         report = run_validate(config)
         if as_json:
-            click.echo(json.dumps(report, indent=2, sort_keys=True))
+            click.echo(json.dumps({"ok": True, **report}, indent=2, sort_keys=True))
         else:
             click.echo("\n".join(f"{key}: {value}" for key, value in report.items()))
         return 0
 
-    return _execute(config_path, overrides, action)
+    return _execute(config_path, overrides, action, json_errors=as_json)
 
 
 @cli.command(epilog=ENVIRONMENT_HELP)
@@ -155,7 +156,7 @@ def plan(
         click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_plan(result))
         return 0
 
-    return _execute(config_path, overrides, action)
+    return _execute(config_path, overrides, action, json_errors=as_json)
 
 
 @cli.command(epilog=ENVIRONMENT_HELP)
@@ -177,14 +178,14 @@ def status(run_uri: str | None, config_path: str | None, overrides: tuple[str, .
         return 0
 
     if run_uri:
-        return _guarded(lambda: show(_open(run_uri)))
+        return _guarded(lambda: show(_open(run_uri)), json_errors=as_json)
 
     def action(config: JobConfig) -> int:
         from job.run import run_store
 
         return show(run_store(config))
 
-    return _execute(config_path, overrides, action)
+    return _execute(config_path, overrides, action, json_errors=as_json)
 
 
 def _open(uri: str) -> Any:
@@ -214,7 +215,13 @@ def config_reference_markdown() -> str:
     return reference_page()
 
 
-def _execute(config_path: str | None, overrides: tuple[str, ...], action: Callable[[JobConfig], int]) -> int:
+def _execute(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    action: Callable[[JobConfig], int],
+    *,
+    json_errors: bool = False,
+) -> int:
     """Load the config and run `action`, turning every failure into its exit code."""
 
     def load_and_act() -> int:
@@ -222,11 +229,14 @@ def _execute(config_path: str | None, overrides: tuple[str, ...], action: Callab
         bind_run(run=config.run.name)
         return action(config)
 
-    return _guarded(load_and_act)
+    return _guarded(load_and_act, json_errors=json_errors)
 
 
-def _guarded(body: Callable[[], int]) -> int:
-    """Run `body`, mapping JobError subclasses to their exit codes: the only place that does."""
+def _guarded(body: Callable[[], int], *, json_errors: bool = False) -> int:
+    """Run `body`, mapping JobError subclasses to their exit codes: the only place that does.
+
+    `json_errors` (a `--json` command): a failure also prints one JSON document on stdout, so a script
+    reading stdout always gets one."""
     try:
         return body()
     except JobError as exc:
@@ -238,13 +248,39 @@ def _guarded(body: Callable[[], int]) -> int:
             hint=exc.hint,
             retryable=exc.retryable,
         )
+        if json_errors:
+            _echo_json_error(exc.exit_code, type(exc).__name__, exc.message, exc.hint)
         return exc.exit_code
     except KeyboardInterrupt:
         log.error("interrupted", exit_code=Preempted.exit_code)
+        if json_errors:
+            _echo_json_error(Preempted.exit_code, "Interrupted", "interrupted", None)
         return Preempted.exit_code
-    except Exception:
+    except Exception as exc:
         log.exception("unexpected_error", exit_code=UNEXPECTED_EXIT_CODE)
+        if json_errors:
+            _echo_json_error(UNEXPECTED_EXIT_CODE, type(exc).__name__, str(exc), "the traceback is in the log")
         return UNEXPECTED_EXIT_CODE
+
+
+_LOCATED = re.compile(r"^\s*(?P<file>\S.*?):(?P<line>\d+): (?P<message>.*)$")
+
+
+def _echo_json_error(exit_code: int, error_type: str, message: str, hint: str | None) -> None:
+    """`{"ok": false, ...}` with one entry per `file:line: problem` line of the message (else the message)."""
+    message, hint = shorten(redact_urls(message), 4000), hint and shorten(redact_urls(hint), 1000)
+    errors = [match.groupdict() for line in message.splitlines() if (match := _LOCATED.match(line))]
+    for error in errors:
+        error["line"] = int(error["line"])
+    document = {
+        "ok": False,
+        "exit_code": exit_code,
+        "error_type": error_type,
+        "message": message,
+        "hint": hint,
+        "errors": errors or [{"file": None, "line": None, "message": message}],
+    }
+    click.echo(json.dumps(document, indent=2, sort_keys=True))
 
 
 def _read_remote_config(uri: str) -> str:

@@ -110,3 +110,38 @@ def test_sigterm_during_start_up_imports_exits_75_not_minus_15(tmp_path: Path) -
     time.sleep(1.0)  # inside setup_logging's library imports on this machine
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 75
+
+
+def test_json_commands_print_one_json_document_even_when_they_fail(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": 3}\nnot json\n')  # fmt: skip
+    where = ["--set", f"run.scratch={tmp_path / 's'}", "--set", f"run.output={tmp_path / 'o'}"]
+    assert exit_code(["validate", "--json", "--set", f"data.train={bad}", *where]) == 65
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["exit_code"] == 65 and report["error_type"] == "DataError"
+    assert [(e["file"], e["line"]) for e in report["errors"]] == [(str(bad), 2), (str(bad), 3)]
+
+    assert exit_code(["validate", "--json", "--config", str(tmp_path / "missing.yaml")]) == 64
+    report = json.loads(capsys.readouterr().out)
+    assert (report["ok"], report["exit_code"]) == (False, 64) and "missing.yaml" in report["errors"][0]["message"]
+
+    no_tokenizer = tmp_path / "weights-only"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    argv = [
+        "plan",
+        "--json",
+        "--with-data",
+        "--set",
+        f"model.source={no_tokenizer}",
+        "--set",
+        f"data.train={DEMO_TRAIN}",
+    ]
+    assert exit_code([*argv, *where]) == 66
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["ok"] is False and "no usable tokenizer" in report["message"]
+    assert "Traceback" not in captured.err and "unexpected_error" not in captured.err
