@@ -201,3 +201,121 @@ def test_max_steps_zero_or_below_minus_one_is_refused(steps: str) -> None:
         load_config(None, [*BASE, f"train.max_steps={steps}"], environ={})
     assert info.value.exit_code == 64
     assert load_config(None, [*BASE, "train.max_steps=-1"], environ={}).train.max_steps == -1
+
+
+# ---------------------------------------------------------------- hostile input (issue 15)
+
+LAUGHS = "train:\n  fsdp_config:\n    a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"    {name}: &{name} [{', '.join([f'*{prev}'] * 9)}]\n" for prev, name in zip("abcdefgh", "bcdefghi", strict=True)
+)  # 9^9 = 387 million "lol"s once expanded, in 700 bytes
+
+
+def test_billion_laughs_under_fsdp_config_fails_fast_naming_file_and_line(tmp_path: Path) -> None:
+    import time
+
+    path = write_yaml(tmp_path, LAUGHS)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(path, BASE, environ={})
+    assert time.monotonic() - started < 2.0
+    assert info.value.exit_code == 64
+    assert f"config file {path}" in info.value.message and "line 4" in info.value.message  # the first alias
+    assert "aliases" in info.value.message
+
+
+@pytest.mark.slow
+def test_billion_laughs_exits_64_at_the_cli(tmp_path: Path) -> None:
+    """The same bomb through `entrypoint.py config`: a one-line error and exit 64, in seconds, not a hang."""
+    from conftest import run_job
+
+    path = write_yaml(tmp_path, LAUGHS)
+    result = run_job("config", "--config", path, "--set", BASE[0], timeout=60)
+    assert result.returncode == 64, result.stderr[-2000:]
+    error = result.events("job_failed")[0]["error"]
+    assert path in error and "line 4" in error
+
+
+def test_ordinary_anchors_and_merge_keys_still_load(tmp_path: Path) -> None:
+    text = (
+        "train:\n"
+        "  fsdp_config: &fsdp {min_num_params: 1000, backward_prefetch: backward_pre}\n"
+        "  seed: &seed 7\n"
+        "  data_seed: *seed\n"
+        "data:\n  train: t.jsonl\n"
+    )
+    config = load_config(write_yaml(tmp_path, text), [], environ={})
+    assert config.train.seed == 7 and config.train.extra["data_seed"] == 7
+    assert config.train.extra["fsdp_config"]["min_num_params"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("train:\n  fsdp_config: &a {x: *a}\n", "refers to the mapping or list that contains it"),
+        ("train:\n  fsdp_config: " + "[" * 40 + "]" * 40 + "\n", "nested deeper than 32"),
+        ("train:\n  fsdp_config: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32"),
+    ],
+)
+def test_recursive_and_deep_yaml_is_refused(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_config(write_yaml(tmp_path, text), BASE, environ={})
+
+
+def test_oversized_config_file_is_refused_before_reading(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "# padding\n" * 120_000)
+    with pytest.raises(ConfigError, match=r"bytes, more than the 1048576 allowed"):
+        load_config(path, BASE, environ={})
+
+
+def test_alias_bombs_in_variables_and_set_are_refused_too() -> None:
+    bomb = "[" + ", ".join(f"&{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip("abcde", "bcdef", strict=True)) + "]"
+    bomb = "[&a [1,1,1,1,1,1,1,1,1,1], " + bomb[1:]
+    with pytest.raises(ConfigError, match="SFT_TRAIN__FSDP_CONFIG: YAML aliases"):
+        load_config(None, BASE, environ={"SFT_TRAIN__FSDP_CONFIG": bomb})
+    with pytest.raises(ConfigError, match=r"--set train.fsdp_config: YAML aliases"):
+        load_config(None, [*BASE, f"train.fsdp_config={bomb}"], environ={})
+
+
+def test_a_megabyte_value_is_quoted_short_in_the_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*BASE, "train.seed=" + "x" * 1_048_576], environ={})
+    assert "train.seed" in info.value.message and "[cut " in info.value.message
+    assert len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("SFT_TRAIN__LEARNIG_RATE", "SFT_TRAIN__LEARNIG_RATE: unknown key 'train.learnig_rate' "
+                                    "(did you mean SFT_TRAIN__LEARNING_RATE?)"),
+        ("SFT_STORAGE__ENDPOINT", "(did you mean SFT_STORAGE__ENDPOINT_URL?)"),
+        ("SFT_TRAIN_LEARNING_RATE", "SFT_TRAIN_LEARNING_RATE is not a config variable (SFT_<SECTION>__<KEY>) "
+                                    "(did you mean SFT_TRAIN__LEARNING_RATE?)"),
+        ("SFT_FOO", "environment variable SFT_FOO is not a config variable"),
+        ("SFT_TRAINN__SEED", "unknown section 'trainn' (did you mean SFT_TRAIN__SEED?)"),
+    ],
+)  # fmt: skip
+def test_unknown_sft_variables_name_themselves_and_the_closest_valid_one(name: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, BASE, environ={name: "1"})
+    assert words in info.value.message
+
+
+def test_sft_variables_that_are_not_config_are_left_alone() -> None:
+    environ = {
+        "SFT_CONFIG": "",
+        "SFT_LOG_LEVEL": "DEBUG",
+        "SFT_LOG_FORMAT": "json",
+        "SFT_FAULTS": "",
+        "SFT_HEARTBEAT_SECONDS": "5",
+        "SFT_RANK_OUTCOMES": "/tmp/x",
+        "SFT_POLL_SECONDS": "1",
+        "SFT_IMAGE": "img",
+        # Kubernetes service links for Services named `sft` and `sft-api` in the namespace
+        "SFT_SERVICE_HOST": "10.0.0.1",
+        "SFT_SERVICE_PORT": "80",
+        "SFT_PORT": "tcp://10.0.0.1:80",
+        "SFT_PORT_80_TCP_ADDR": "10.0.0.1",
+        "SFT_API_SERVICE_PORT_HTTP": "8080",
+    }
+    assert load_config(None, BASE, environ=environ).train.seed == 42
