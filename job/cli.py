@@ -257,10 +257,19 @@ def _guarded(body: Callable[[], int], *, json_errors: bool = False) -> int:
             _echo_json_error(Preempted.exit_code, "Interrupted", "interrupted", None)
         return Preempted.exit_code
     except Exception as exc:
+        from job.durability.scratch import scratch_full
+
+        full = scratch_full(exc, None)  # e.g. validate's tokenize cache on a full disk
+        if full is not None:
+            return _guarded(lambda: _raise(full), json_errors=json_errors)
         log.exception("unexpected_error", exit_code=UNEXPECTED_EXIT_CODE)
         if json_errors:
             _echo_json_error(UNEXPECTED_EXIT_CODE, type(exc).__name__, str(exc), "the traceback is in the log")
         return UNEXPECTED_EXIT_CODE
+
+
+def _raise(error: JobError) -> NoReturn:
+    raise error
 
 
 _LOCATED = re.compile(r"^\s*(?P<file>\S.*?):(?P<line>\d+): (?P<message>.*)$")

@@ -31,7 +31,6 @@ from job.dist.group import Group
 from job.durability.checkpoints import (
     CheckpointUploader,
     UploadResult,
-    check_scratch_space,
     clean_leftovers,
     delete_checkpoint,
     prepare_resume,
@@ -39,6 +38,7 @@ from job.durability.checkpoints import (
 )
 from job.durability.lease import Lease
 from job.durability.preemption import Measurements, PreemptedNow, PreemptionHandler
+from job.durability.scratch import check_free_space, scratch_full, sweep_partials
 from job.errors import ConfigError, JobError, Preempted, TrainingFailed
 from job.logs import Heartbeat, get_logger, quiet_unless_main
 from job.model.load import load_model
@@ -117,6 +117,8 @@ class TrainingRun:
         self.uploader: CheckpointUploader | None = None
         self.prepared: Prepared | None = None
         self.plan: dict[str, Any] = {}
+        self.scratch_needed_bytes: int | None = None
+        """Three checkpoints and the model to pull, once planned: what a full scratch disk lacked."""
         self.resume: ResumePoint | None = None
         self.fast: FastPath | None = None
         self.model: Any = None
@@ -152,6 +154,12 @@ class TrainingRun:
             if not exc.retryable:
                 record_failure(self.store, exc.exit_code, exc.message)
             raise
+        except Exception as exc:
+            full = scratch_full(exc, scratch_dir(self.config), self.scratch_needed_bytes)
+            if full is None:
+                raise
+            record_failure(self.store, full.exit_code, full.message)
+            raise full from exc
 
     def cleanup(self) -> None:
         if self.preemption is not None:
@@ -227,6 +235,8 @@ class TrainingRun:
         """Rank 0 pulls and tokenizes (cache in the store), then each other node's first rank (reading that
         cache), then everyone else from their node's scratch: inputs are fetched once per node, tokenized once."""
         ranks, group = self.group.ranks, self.group
+        if ranks.is_local_main:  # before this start writes any: what a crashed predecessor half-wrote
+            sweep_partials(scratch_dir(self.config))
         with Heartbeat("prepare") as beat:
             prepared = prepare(self.config, store=self.store) if ranks.is_main else None
             group.barrier("prepare on rank 0")
@@ -251,10 +261,13 @@ class TrainingRun:
         if self.group.ranks.is_local_main:
             memory = self.plan["memory_bytes"]
             # A checkpoint holds the weights and the optimizer states; a Hub model still has to be downloaded.
-            check_scratch_space(
+            checkpoint = memory["weights"] + memory["optimizer"]
+            model = memory["weights"] if self.prepared.source.is_hub else 0
+            self.scratch_needed_bytes = 3 * checkpoint + model
+            check_free_space(
                 scratch_dir(self.config),
-                checkpoint_bytes=memory["weights"] + memory["optimizer"],
-                model_bytes_to_pull=memory["weights"] if self.prepared.source.is_hub else 0,
+                self.scratch_needed_bytes,
+                f"3 checkpoints of {checkpoint / 2**30:.1f} GiB + model {model / 2**30:.1f} GiB",
             )
             found = prepare_resume(self.store, self.work / "resume")
         found = self.group.from_local_main(found, "resume")
@@ -329,10 +342,15 @@ class TrainingRun:
             self.trainer.train(resume_from_checkpoint=str(self.resume.directory) if self.resume else None)
         except FinalStepReached:
             log.info("resumed_at_final_step", step=self.trainer.state.global_step)
-        except (TrainingFailed, torch.OutOfMemoryError) as exc:
+        except Exception as exc:
+            full = scratch_full(exc, scratch_dir(self.config), self.scratch_needed_bytes)
+            if not isinstance(exc, (TrainingFailed, torch.OutOfMemoryError)) and full is None:
+                raise
             if self.uploader is not None:  # keep the last good checkpoint durable
                 self.uploader.wait(timeout=self.config.checkpoint.grace_seconds)
             self.metrics_log.flush()
+            if full is not None:
+                raise full from exc
             if isinstance(exc, torch.OutOfMemoryError):
                 raise TrainingFailed(
                     f"CUDA out of memory at step {self.trainer.state.global_step}: {str(exc).splitlines()[0]}",
