@@ -221,6 +221,17 @@ def test_billion_laughs_under_fsdp_config_fails_fast_naming_file_and_line(tmp_pa
     assert info.value.exit_code == 64
     assert f"config file {path}" in info.value.message and "line 4" in info.value.message  # the first alias
     assert "aliases" in info.value.message
+    # ordinary anchors, aliases and merge keys still load
+    text = (
+        "train:\n"
+        "  fsdp_config: &fsdp {min_num_params: 1000, backward_prefetch: backward_pre}\n"
+        "  seed: &seed 7\n"
+        "  data_seed: *seed\n"
+        "data:\n  train: t.jsonl\n"
+    )
+    config = load_config(write_yaml(tmp_path, text), [], environ={})
+    assert config.train.seed == 7 and config.train.extra["data_seed"] == 7
+    assert config.train.extra["fsdp_config"]["min_num_params"] == 1000
 
 
 @pytest.mark.slow
@@ -233,19 +244,6 @@ def test_billion_laughs_exits_64_at_the_cli(tmp_path: Path) -> None:
     assert result.returncode == 64, result.stderr[-2000:]
     error = result.events("job_failed")[0]["error"]
     assert path in error and "line 4" in error
-
-
-def test_ordinary_anchors_and_merge_keys_still_load(tmp_path: Path) -> None:
-    text = (
-        "train:\n"
-        "  fsdp_config: &fsdp {min_num_params: 1000, backward_prefetch: backward_pre}\n"
-        "  seed: &seed 7\n"
-        "  data_seed: *seed\n"
-        "data:\n  train: t.jsonl\n"
-    )
-    config = load_config(write_yaml(tmp_path, text), [], environ={})
-    assert config.train.seed == 7 and config.train.extra["data_seed"] == 7
-    assert config.train.extra["fsdp_config"]["min_num_params"] == 1000
 
 
 @pytest.mark.parametrize(
@@ -299,9 +297,7 @@ def test_unknown_sft_variables_name_themselves_and_the_closest_valid_one(name: s
     with pytest.raises(ConfigError) as info:
         load_config(None, BASE, environ={name: "1"})
     assert words in info.value.message
-
-
-def test_sft_variables_that_are_not_config_are_left_alone() -> None:
+    # SFT_* variables that are not config values are left alone
     environ = {
         "SFT_CONFIG": "",
         "SFT_LOG_LEVEL": "DEBUG",
@@ -318,4 +314,4 @@ def test_sft_variables_that_are_not_config_are_left_alone() -> None:
         "SFT_PORT_80_TCP_ADDR": "10.0.0.1",
         "SFT_API_SERVICE_PORT_HTTP": "8080",
     }
-    assert load_config(None, BASE, environ=environ).train.seed == 42
+    assert load_config(None, BASE, environ=environ).train.seed == 42  # and nothing else is flagged
