@@ -39,8 +39,9 @@ CUT_MARK = "…[cut {} chars]"
 VALUE_LIMIT = 1000
 """Longest string value in a log line: enough for a multi-line error message, not for a quoted record."""
 TRACEBACK_LIMIT = 20_000
-"""Longest string inside exception text and tracebacks."""
-_LONG_KEYS = frozenset({"exception", "exc_info", "stack", "traceback"})
+"""Longest string inside exception text and tracebacks, and longest message: a library's line is all
+`event` (torch's elastic failure summary quotes a child's traceback)."""
+_LONG_KEYS = frozenset({"event", "exception", "exc_info", "stack", "traceback"})
 
 
 def redact_urls(text: str) -> str:

@@ -90,6 +90,7 @@ def test_every_log_line_is_redacted_and_cut_json(capsys) -> None:
     log = get_logger("job.test")
     log.info("record_quoted", record="r" * 1_048_576, endpoint=url)
     logging.getLogger("botocore.endpoint").debug("Sending http request: <AWSPreparedRequest url=%s>", url)
+    logging.getLogger("botocore.parsers").debug("Response body:\n%s", "b" * 1_048_576)
     log.warning("as_object", error=ValueError(f"cannot reach {url}"))
     try:
         raise ConnectionError(f"Could not connect to the endpoint URL: {url} " + "e" * 100_000)
@@ -97,18 +98,20 @@ def test_every_log_line_is_redacted_and_cut_json(capsys) -> None:
         log.exception("unexpected_error")
     err = capsys.readouterr().err
     assert SENTINEL not in err
-    lines = [line for line in _lines(err) if line["logger"] in ("job.test", "botocore.endpoint")]  # not torch's
+    lines = [line for line in _lines(err) if line["logger"].startswith(("job.test", "botocore"))]  # not torch's
+    body = "Response body:\n" + "b" * (TRACEBACK_LIMIT - 15) + CUT_MARK.format(1_048_576 + 15 - TRACEBACK_LIMIT)
     assert [line["event"] for line in lines] == [
         "record_quoted",
         "Sending http request: <AWSPreparedRequest url=http://***@127.0.0.1:9/bucket>",
+        body,  # a library's message is all `event`: cut too, at the traceback limit
         "as_object",
         "unexpected_error",
     ]
     assert lines[0]["record"].endswith(CUT_MARK.format(1_048_576 - VALUE_LIMIT))
     assert lines[0]["endpoint"] == "http://***@127.0.0.1:9/bucket"
-    assert lines[2]["error"] == "ValueError: cannot reach http://***@127.0.0.1:9/bucket"
-    assert "http://***@127.0.0.1:9/bucket" in lines[3]["exception"][0]["exc_value"]
-    assert len(err) < 2 * TRACEBACK_LIMIT + 10_000  # 1.1 MB went in
+    assert lines[3]["error"] == "ValueError: cannot reach http://***@127.0.0.1:9/bucket"
+    assert "http://***@127.0.0.1:9/bucket" in lines[4]["exception"][0]["exc_value"]
+    assert len(err) < 3 * TRACEBACK_LIMIT + 10_000  # 2.1 MB went in
 
 
 def test_console_tracebacks_are_redacted_and_show_no_locals(capsys) -> None:
