@@ -227,7 +227,7 @@ def seaweedfs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     finally:
         process.kill()  # a graceful stop takes ~30 s; the data is a temp dir
         process.wait(timeout=30)
-        for port in (master_grpc, volume_grpc, filer_grpc, s3, s3_grpc):  # its unix sockets beside the TCP ports
+        for port in (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc):  # its unix sockets
             for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 leftover.unlink(missing_ok=True)
 
