@@ -20,6 +20,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 FORMATS = ("auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt")
 TRUNCATION_MODES = ("truncate", "drop", "error")
 MIN_RECORD_BYTES = 1024  # below this even a short chat turn is refused
+MAX_RECORD_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -94,7 +95,7 @@ class DataConfig:
     example and no example attends to another."""
     max_invalid: int = 0
     """Bad records that may be skipped (listed in the run's `reports/`); more stop the job with exit 65."""
-    max_record_bytes: int = 8 * 1024 * 1024
+    max_record_bytes: int = MAX_RECORD_BYTES
     """Largest record (a JSON Lines line, a JSON array element, a Parquet row) in bytes; a larger one is a bad
     record (exit 65 naming file:line and its size), found without reading it whole where the format allows."""
     num_proc: int = 0

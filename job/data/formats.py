@@ -25,6 +25,15 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 EXPECTED = "; ".join(f"{name} ({', '.join(fields)})" for name, fields in FORMAT_FIELDS.items())
+ECHO_LIMIT = 300
+"""Characters of a record's value quoted in a message: enough to recognise it, never a 1 MB line."""
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text` cut to `limit` characters, saying how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +68,7 @@ def detect_format(record: Any) -> str | None:
 
 
 def describe_unknown(record: Any, location: str) -> DataError:
-    found = sorted(record) if isinstance(record, dict) else type(record).__name__
+    found = clip(str(sorted(record))) if isinstance(record, dict) else type(record).__name__
     return DataError(
         f"{location}: cannot tell the record's format: found fields {found}; expected one of: {EXPECTED}",
         hint="or set data.format",
@@ -73,7 +82,7 @@ def parse_record(record: Any, fmt: str, location: str) -> Example:
     missing = [f for f in FORMAT_FIELDS.get(fmt, ()) if f not in record]
     if missing:
         other = detect_format(record)
-        found = f"; it looks like `{other}`" if other else f"; found fields {sorted(record)}"
+        found = f"; it looks like `{other}`" if other else f"; found fields {clip(str(sorted(record)))}"
         raise DataError(f"{location}: format `{fmt}` needs field(s) {missing}{found}")
     if fmt == "text":
         return Example(source=location, text=_string(record, "text", location))
@@ -126,7 +135,7 @@ def _turns(
         role = turn.get(role_key)
         allowed = role_map or dict.fromkeys(ROLES)
         if not isinstance(role, str) or role not in allowed:
-            raise DataError(f"{where}: {role_key} {role!r} is not one of {', '.join(allowed)}")
+            raise DataError(f"{where}: {role_key} {clip(repr(role))} is not one of {', '.join(allowed)}")
         content = _content_text(turn.get(content_key), where, content_key)
         if not content.strip():
             raise DataError(f"{where}: empty content")

@@ -9,13 +9,21 @@ conversation once and is checked against the full method (docs/data.md, "Loss ma
 
 from __future__ import annotations
 
-import os
+import time
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
+from job.data.formats import clip
 from job.data.read import Example
+from job.data.templates import (
+    RENDER_MAX_CHARS,
+    RenderGuard,
+    RenderLimit,
+    compile_guarded,
+    read_configured_template,
+    render_bounded,
+)
 from job.errors import ConfigError, DataError
 from job.logs import get_logger
 
@@ -25,6 +33,10 @@ IGNORE_INDEX = -100
 PROBE = "\ue000{}\ue001"  # private-use characters: never part of a template's own text
 VERIFIED_PER_LAYOUT = 8
 DEFAULT_ORIGIN = "default-mistral-v3"
+CHARS_PER_TOKEN = 8
+"""A long text is first cut to (max_length + 1) x this many characters (+ margin): twice the ~4 of English
+text, so one tokenization usually suffices; too few tokens in it and the cut doubles."""
+MIN_MARGIN = 1024
 
 
 @dataclass
@@ -56,10 +68,7 @@ def default_chat_template() -> str:
 def resolve_chat_template(tokenizer: Any, configured: str | None) -> tuple[str, str]:
     """(template, origin) that chat data would use: the config's, else the tokenizer's, else the shipped one."""
     if configured:
-        template = Path(configured).read_text(encoding="utf-8") if os.path.isfile(configured) else configured
-        if "{" not in template:
-            raise ConfigError(f"data.chat_template {configured!r} is neither a readable file nor a Jinja template")
-        return template, "config"
+        return read_configured_template(configured), "config"
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # named templates: training uses the default one
         own = own.get("default")
@@ -80,18 +89,17 @@ def apply_chat_template_choice(tokenizer: Any, configured: str | None) -> str:
 
 class ChatRenderer:
     """`apply_chat_template(tokenize=False)` without its per-call overhead: the same compiled template
-    (transformers' sandboxed Jinja environment) with the tokenizer's special tokens as variables."""
+    (transformers' sandboxed Jinja environment) with the tokenizer's special tokens as variables, in an
+    overlay that stops a render past `guard`'s deadline or size cap (`job.data.templates`)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, guard: RenderGuard | None = None) -> None:
         self.tokenizer = tokenizer
         self.template, _ = resolve_chat_template(tokenizer, None)
         self.variables = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
-        try:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            self.compiled = _compile_jinja_template(self.template)
-        except ImportError:  # a future transformers without it: the public, slower path
-            self.compiled = None
+        self.guard = guard or RenderGuard()
+        self.example_deadline: float | None = None
+        """Set per example by `Tokenize`: all its renders share one deadline; else each render has its own."""
+        self.compiled = compile_guarded(self.template, self.guard)  # None: the public, slower, unguarded path
 
     def __call__(self, messages: list[dict], source: str, add_generation_prompt: bool = False) -> str:
         try:
@@ -99,12 +107,22 @@ class ChatRenderer:
                 return self.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=add_generation_prompt
                 )
-            return self.compiled.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-                **self.variables,
+            self.guard.deadline = self.example_deadline or time.monotonic() + self.guard.seconds
+            return render_bounded(
+                self.compiled, self.guard, {"messages": messages, "tools": None, "documents": None,
+                "add_generation_prompt": add_generation_prompt, **self.variables},
             )  # fmt: skip
+        except RenderLimit as exc:
+            raise RenderLimitError(
+                f"{source}: the chat template {exc} on this conversation, and was stopped",
+                hint="fix the template (data.chat_template): it loops or writes far more than the conversation",
+            ) from None
         except Exception as exc:  # jinja raises TemplateError and plain exceptions from raise_exception()
-            raise DataError(f"{source}: the chat template rejected this conversation: {exc}") from None
+            raise DataError(f"{source}: the chat template rejected this conversation: {clip(str(exc))}") from None
+
+
+class RenderLimitError(DataError):
+    """A render hit its time or size limit: a template problem more than a record's."""
 
 
 # ---------------------------------------------------------------- assistant spans
@@ -232,19 +250,32 @@ class Tokenize:
     Picklable for worker processes: the renderer, span layouts and tokenizer copy are rebuilt in each.
     """
 
-    def __init__(self, tokenizer: Any, *, train_on: str, max_length: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        train_on: str,
+        max_length: int,
+        max_invalid: int = 0,
+        render_chars: int = RENDER_MAX_CHARS,
+    ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("the tokenizer has no fast (Rust) implementation, needed for character offsets")
         self.tokenizer = tokenizer
         self.train_on = train_on
         self.max_length = max_length
+        self.max_invalid = max_invalid
+        self.render_chars = render_chars
         self.eos = tokenizer.eos_token_id
-        self._state: tuple[Any, ChatRenderer, SpanFinder] | None = None
+        self.limit_hits = 0
+        self.margin = MIN_MARGIN
+        self._state: tuple[Any, ChatRenderer, SpanFinder, int] | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_state": None}
 
-    def state(self) -> tuple[Any, ChatRenderer, SpanFinder]:
+    def state(self) -> tuple[Any, ChatRenderer, SpanFinder, int]:
+        """(backend tokenizer, renderer, span finder, characters a text is first cut to before tokenizing)."""
         if self._state is None:
             from tokenizers import Tokenizer
 
@@ -253,14 +284,17 @@ class Tokenize:
                 backend = Tokenizer.from_str(backend.to_str())  # a copy: truncation is ours, after the masks
                 backend.no_truncation()
                 backend.no_padding()
-            render = ChatRenderer(self.tokenizer)
-            self._state = (backend, render, SpanFinder(render))
+            render = ChatRenderer(self.tokenizer, RenderGuard(max_chars=self.render_chars))
+            self.margin = stable_margin(backend)
+            budget = (self.max_length + 1) * CHARS_PER_TOKEN + self.margin
+            self._state = (backend, render, SpanFinder(render), budget)
         return self._state
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        backend, render, finder = self.state()
+        backend, render, finder, budget = self.state()
         count = len(batch["source"])
         out: dict[str, list] = {k: [None] * count for k in ("input_ids", "labels", "full_length", "error")}
+        out["partial"] = [False] * count
         chats, plain = [], []
         texts: dict[int, str] = {}
         spans: dict[int, list[tuple[int, int]] | None] = {}
@@ -270,6 +304,7 @@ class Tokenize:
             source, messages = batch["source"][row], conversations[row]
             try:
                 if messages is not None:
+                    render.example_deadline = time.monotonic() + render.guard.seconds  # every render of it
                     texts[row] = render(messages, source)
                     turns = batch["prompt_turns"][row]
                     keep = self.train_on != "all"
@@ -282,17 +317,63 @@ class Tokenize:
                     trained = completion is not None and self.train_on != "all"
                     spans[row] = [(len(prompt), len(texts[row]))] if trained else None
                     plain.append(row)
+            except RenderLimitError as exc:
+                self.limit_hits += 1
+                if self.limit_hits > self.max_invalid:  # the job fails anyway: stop now, not one deadline per record
+                    raise
+                out["error"][row] = str(exc)
             except DataError as exc:
                 out["error"][row] = str(exc)
+            finally:
+                render.example_deadline = None
         for rows, special in ((chats, False), (plain, True)):
             if rows:
-                encodings = backend.encode_batch([texts[r] for r in rows], add_special_tokens=special)
-                for row, encoding in zip(rows, encodings, strict=True):
-                    ids, labels = _labels(encoding, spans[row], self.eos if special else None)
+                encoded = self._encode(backend, [texts[r] for r in rows], special, budget)
+                for row, (encoding, covered) in zip(rows, encoded, strict=True):
+                    kept = spans[row] if covered == len(texts[row]) else _clip_spans(spans[row], covered)
+                    ids, labels = _labels(encoding, kept, self.eos if special else None)
                     out["full_length"][row] = len(ids)
+                    out["partial"][row] = covered < len(texts[row])
                     out["input_ids"][row], out["labels"][row] = ids[: self.max_length], labels[: self.max_length]
         out["trainable"] = [_trainable(labels) for labels in out["labels"]]
         return out
+
+    def _encode(self, backend: Any, texts: list[str], special: bool, budget: int) -> list[tuple[Any, int]]:
+        """(encoding, characters it covers) per text: the whole text, or a prefix holding max_length tokens.
+
+        A text longer than `budget` is tokenized only as far as truncation needs: a prefix, doubled
+        until its first max_length + 1 tokens end `margin` characters before the cut, where text after
+        the cut cannot change them (docs/data.md, "Truncation"). Shorter texts are tokenized whole.
+        """
+        pieces = [text if len(text) <= budget else text[:budget] for text in texts]
+        encodings = backend.encode_batch(pieces, add_special_tokens=special)
+        out = []
+        for text, piece, encoding in zip(texts, pieces, encodings, strict=True):
+            size = len(piece)
+            while size < len(text) and not _holds(encoding, self.max_length + 1, size - self.margin):
+                size = min(len(text), size * 2)
+                encoding = backend.encode(text[:size], add_special_tokens=special)
+            out.append((encoding, size))
+        return out
+
+
+def stable_margin(backend: Any) -> int:
+    """Characters before a cut where tokens are taken as final: several times the longest token, at least 1024."""
+    longest = max((len(token) for token in backend.get_vocab(with_added_tokens=True)), default=0)
+    return max(MIN_MARGIN, 4 * longest)
+
+
+def _holds(encoding: Any, tokens: int, end: int) -> bool:
+    """Whether the encoding's first `tokens` tokens all end by character `end`."""
+    offsets = encoding.offsets
+    return len(offsets) >= tokens and max(stop for _, stop in offsets[:tokens]) <= end
+
+
+def _clip_spans(spans: list[tuple[int, int]] | None, size: int) -> list[tuple[int, int]] | None:
+    """Trained spans within the first `size` characters (the part tokenized)."""
+    if spans is None:
+        return None
+    return [(low, min(high, size)) for low, high in spans if low < size]
 
 
 def _labels(encoding: Any, spans: list[tuple[int, int]] | None, eos: int | None) -> tuple[list[int], list[int]]:
@@ -363,7 +444,7 @@ def tokenize_examples(
             raise DataError(out["error"][row])
         too_long = out["full_length"][row] > max_length
         if too_long and truncation == "error":
-            raise DataError(f"{example.source}: {out['full_length'][row]} tokens, over data.max_length={max_length}")
+            raise DataError(f"{example.source}: {length_text(out, row)}, over data.max_length={max_length}")
         result.truncated += too_long
         if (too_long and truncation == "drop") or not out["trainable"][row]:
             result.dropped.append(example.source)
@@ -374,6 +455,11 @@ def tokenize_examples(
     if not result.input_ids:
         raise DataError(f"no example keeps a trainable token within data.max_length={max_length}")
     return result
+
+
+def length_text(out: dict[str, list], row: int) -> str:
+    """`N tokens`, or `more than N tokens` where only a prefix of the example was tokenized."""
+    return f"{'more than ' if out['partial'][row] else ''}{out['full_length'][row]} tokens"
 
 
 def describe_example(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:

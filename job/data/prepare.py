@@ -22,6 +22,7 @@ from job.data.cache import TokenizeCache, fingerprint, tokenizer_digest
 from job.data.masking import apply_chat_template_choice, resolve_chat_template
 from job.data.read import Dataset, file_digests, list_data_files, load_dataset, split_for_eval
 from job.data.splits import MAX_LISTED, DataSplit, steps_per_epoch, tokenize_split
+from job.data.templates import read_configured_template
 from job.errors import DataError, JobError
 from job.logs import get_logger
 from job.model.load import ModelSource, load_tokenizer, resolve_source
@@ -30,6 +31,9 @@ from job.storage import AlreadyExists, Store, fetch_input
 log = get_logger(__name__)
 
 __all__ = ["DataSplit", "Prepared", "prepare", "validate"]
+
+EXAMPLE_LOG_CHARS = 1000
+"""The decoded example in the log: its start and end, not a whole max_length of a record's text."""
 
 
 @dataclass
@@ -74,6 +78,8 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
     data = config.data
     scratch = scratch_dir(config)
     started = time.monotonic()
+    if data.chat_template:
+        read_configured_template(data.chat_template)  # a bad path or a forbidden file fails before any download
     train_root = fetch_input(data.train, scratch, config.storage)  # type: ignore[arg-type]
     eval_root = fetch_input(data.eval, scratch, config.storage) if data.eval else None
     digests = file_digests(list_data_files(train_root), train_root)
@@ -81,7 +87,7 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
     split_seed = config.train.seed if data.eval_fraction else None
     data_key = fingerprint(
         {"train": digests, "eval": eval_digests, "format": data.format, "eval_fraction": data.eval_fraction,
-         "seed": split_seed}
+         "seed": split_seed, "max_record_bytes": data.max_record_bytes}
     )  # fmt: skip
     cache = TokenizeCache(scratch / "cache", store if data.cache else None)
     validated = cache.read_validation(data_key) if data.cache else None
@@ -137,10 +143,14 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
 def _load(config: JobConfig, train_root: Path, eval_root: Path | None) -> tuple[Dataset, Dataset | None, int]:
     """The train and eval records, validated, and how many valid records the train files hold."""
     data = config.data
-    dataset = load_dataset(train_root, data.format, max_invalid=data.max_invalid)
+    dataset = load_dataset(
+        train_root, data.format, max_invalid=data.max_invalid, max_record_bytes=data.max_record_bytes
+    )
     train, held_out = split_for_eval(dataset, data.eval_fraction, config.train.seed)
     if eval_root is not None:
-        held_out = load_dataset(eval_root, dataset.format, max_invalid=data.max_invalid)
+        held_out = load_dataset(
+            eval_root, dataset.format, max_invalid=data.max_invalid, max_record_bytes=data.max_record_bytes
+        )
         held_out.skipped = [f"(eval) {line}" for line in held_out.skipped]
     return train, held_out, len(dataset)
 
@@ -222,8 +232,19 @@ def _log_ready(prepared: Prepared, seconds: float) -> None:
         )
     example = train["example"]
     log.info(
-        "example_masked", source=example["source"], note="trained tokens are between « and »", text=example["text"]
+        "example_masked",
+        source=example["source"],
+        note="trained tokens are between « and »",
+        text=_ends(example["text"], EXAMPLE_LOG_CHARS),
     )
+
+
+def _ends(text: str, limit: int) -> str:
+    """`text`, or its start and end when longer than `limit` (the masks at both ends stay visible)."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} [... {len(text) - 2 * half} characters ...] {text[-half:]}"
 
 
 def validate(config: JobConfig, *, store: Store | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ them.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from job.config.schema import MAX_RECORD_BYTES
 from job.data.formats import Example, describe_unknown, detect_format, parse_record
 from job.errors import DataError, InputNotFound
 from job.logs import get_logger
@@ -35,6 +37,7 @@ DATA_SUFFIXES = (
     ".parquet",
 )
 MAX_REPORTED_ERRORS = 10
+CHUNK_BYTES = 1 << 20
 READ_ERRORS = (OSError, EOFError, ValueError)  # ValueError: pyarrow's ArrowInvalid on a corrupt zstd frame
 
 
@@ -77,7 +80,9 @@ def relative_name(file: Path, root: Path) -> str:
     return file.name if file == root else file.relative_to(root).as_posix()
 
 
-def load_dataset(path: Path, fmt: str = "auto", *, max_invalid: int = 0) -> Dataset:
+def load_dataset(
+    path: Path, fmt: str = "auto", *, max_invalid: int = 0, max_record_bytes: int = MAX_RECORD_BYTES
+) -> Dataset:
     """Read and validate every record under `path`; DataError lists bad records with file:line."""
     files = list_data_files(path)
     examples: list[Example] = []
@@ -86,7 +91,7 @@ def load_dataset(path: Path, fmt: str = "auto", *, max_invalid: int = 0) -> Data
     detected, detected_at = (None, "") if fmt == "auto" else (fmt, "data.format")
     for file in files:
         before = len(examples)
-        for location, record in read_records(file, errors):
+        for location, record in read_records(file, errors, max_record_bytes):
             if detected is None:
                 detected = detect_format(record)
                 if detected is None:
@@ -124,20 +129,20 @@ def _with_format_note(exc: DataError, record: Any, fmt: str, detected_at: str) -
 # ---------------------------------------------------------------- readers
 
 
-def read_records(file: Path, errors: list[str]) -> Iterator[tuple[str, Any]]:
-    """(location, record) for every record of `file`; unreadable records are appended to `errors`."""
+def read_records(file: Path, errors: list[str], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[str, Any]]:
+    """(location, record) for every record of `file`; unreadable or oversized records are appended to `errors`."""
     name = file.name.lower()
     if name.endswith(".parquet"):
-        yield from _read_parquet(file)
+        yield from _read_parquet(file, errors, max_record_bytes)
         return
     try:
         with _open(file) as handle:
             is_json = name.endswith((".json", *(f".json{c}" for c in COMPRESSIONS)))
             head = handle.peek(4096).lstrip()[:1]
             if is_json and head == b"[":  # an array; otherwise the file holds JSON Lines under a .json name
-                yield from _read_json_array(file, handle.read())
+                yield from _JsonArray(file, handle, errors, max_record_bytes).records()
             else:
-                yield from _read_jsonl(file, handle, errors)
+                yield from _read_jsonl(file, handle, errors, max_record_bytes)
     except READ_ERRORS as exc:  # a corrupt gzip/zstd stream fails on its first read
         raise DataError(f"{file}: cannot read the file: {exc}") from None
 
@@ -155,11 +160,23 @@ def _open(file: Path) -> io.BufferedReader:
     return open(file, "rb")
 
 
-def _read_jsonl(file: Path, handle: io.BufferedReader, errors: list[str]) -> Iterator[tuple[str, Any]]:
+def _oversized(location: str, size: int, limit: int, *, at_least: bool = False) -> str:
+    more = "more than " if at_least else ""
+    return (
+        f"{location}: record of {more}{size} bytes, over data.max_record_bytes={limit} "
+        "(raise it if records really are that large)"
+    )
+
+
+def _read_jsonl(file: Path, handle: io.BufferedReader, errors: list[str], limit: int) -> Iterator[tuple[str, Any]]:
     number = 0
     try:
-        for number, raw in enumerate(handle, start=1):
+        while raw := handle.readline(limit + 1):  # bounded: a 200 MB line is never held whole
+            number += 1
             location = f"{file}:{number}"
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                errors.append(_oversized(location, _skip_line(handle, len(raw)), limit))
+                continue
             if not raw.strip():
                 continue
             try:
@@ -175,62 +192,154 @@ def _read_jsonl(file: Path, handle: io.BufferedReader, errors: list[str]) -> Ite
         raise DataError(f"{file}:{number + 1}: cannot decompress the file: {exc}") from None
 
 
-def _read_json_array(file: Path, data: bytes) -> Iterator[tuple[str, Any]]:
-    """Each element of a JSON array with the line it starts on; a syntax error ends the file (exit 65)."""
-    start = len(data) - len(data.lstrip())
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{file}:{line}: invalid UTF-8 at byte {exc.start}; the JSON array cannot be read") from None
-    decoder = json.JSONDecoder()
-    line, counted = 1, 0
-    pos = _skip_space(text, start + 1)
-    if text.startswith("]", pos):
-        return
-    while True:
-        line += text.count("\n", counted, pos)
-        counted = pos
-        try:
-            record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{file}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                "the rest of the JSON array cannot be read"
-            ) from None
-        yield f"{file}:{line}", record
-        pos = _skip_space(text, end)
-        if text.startswith(",", pos):
-            pos = _skip_space(text, pos + 1)
-        elif text.startswith("]", pos):
-            if text[pos + 1 :].strip():
-                raise DataError(f"{file}:{line + text.count(chr(10), counted, pos)}: data after the JSON array's end")
+def _skip_line(handle: io.BufferedReader, size: int) -> int:
+    """Read past the rest of a line in pieces; its size in bytes (without the newline)."""
+    while piece := handle.readline(CHUNK_BYTES):
+        if piece.endswith(b"\n"):
+            return size + len(piece) - 1
+        size += len(piece)
+    return size
+
+
+class _JsonArray:
+    """The elements of a JSON array, read in chunks: memory holds about one record and a chunk, never the
+    whole file. Each element's location is the line it starts on. A syntax error, invalid UTF-8 or an
+    element too large to hold ends the file (exit 65): the rest cannot be found without parsing it."""
+
+    def __init__(self, file: Path, handle: io.BufferedReader, errors: list[str], limit: int) -> None:
+        self.file, self.handle, self.errors, self.limit = file, handle, errors, limit
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.text = ""
+        self.eof = False
+        self.read_bytes = 0
+        self.line = 1  # the line of text[counted]
+        self.counted = 0
+
+    def records(self) -> Iterator[tuple[str, Any]]:
+        decoder = json.JSONDecoder()
+        self.fill()
+        pos = self.skip_space(self.skip_space(0) + 1)  # past the '['
+        if self.text.startswith("]", pos):
+            self.end(pos)
             return
-        else:
-            where = line + text.count("\n", counted, pos)
-            raise DataError(f"{file}:{where}: malformed JSON array (expected ',' or ']' after a record)")
+        while True:
+            pos = self.drop_before(pos)
+            line = self.line_of(pos)
+            record, end = self.decode(decoder, pos, line)
+            if record is not _OVERSIZED:
+                yield f"{self.file}:{line}", record
+            pos = self.skip_space(end)
+            if self.text.startswith(",", pos):
+                pos = self.skip_space(pos + 1)
+            elif self.text.startswith("]", pos):
+                self.end(pos)
+                return
+            else:
+                where = self.line_of(pos)
+                raise DataError(f"{self.file}:{where}: malformed JSON array (expected ',' or ']' after a record)")
+
+    def decode(self, decoder: json.JSONDecoder, pos: int, line: int) -> tuple[Any, int]:
+        """The element at `pos` and where it ends, reading more while it is cut short by the chunk's end."""
+        while True:
+            try:
+                record, end = decoder.raw_decode(self.text, pos)
+                if end < len(self.text) or self.eof:  # else a number may go on in the next chunk
+                    break
+            except json.JSONDecodeError as exc:
+                cut_short = exc.pos >= len(self.text) - 64 or exc.msg.startswith("Unterminated string")
+                if self.eof or not cut_short:
+                    at = line + self.text.count("\n", pos, exc.pos)
+                    raise DataError(
+                        f"{self.file}:{at}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                        "the rest of the JSON array cannot be read"
+                    ) from None
+            if len(self.text) - pos > self.limit:  # characters: at least as many bytes
+                message = _oversized(f"{self.file}:{line}", self.limit, self.limit, at_least=True)
+                raise DataError(f"{message}; the rest of the JSON array cannot be read")
+            self.fill(len(self.text) - pos)  # doubling: a long record is parsed a few times, not once a chunk
+        if (end - pos) * 4 > self.limit:  # a UTF-8 character is at most 4 bytes: only then count them
+            size = len(self.text[pos:end].encode("utf-8", "surrogatepass"))
+            if size > self.limit:
+                self.errors.append(_oversized(f"{self.file}:{line}", size, self.limit))
+                return _OVERSIZED, end
+        return record, end
+
+    def fill(self, at_least: int = CHUNK_BYTES) -> None:
+        data = self.handle.read(max(at_least, CHUNK_BYTES))
+        pending = len(self.utf8.getstate()[0])  # bytes of a character cut by the last chunk
+        try:
+            self.text += self.utf8.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            line = self.line_of(len(self.text)) + data.count(b"\n", 0, max(exc.start - pending, 0))
+            where = self.read_bytes - pending + exc.start
+            raise DataError(
+                f"{self.file}:{line}: invalid UTF-8 at byte {where}; the JSON array cannot be read"
+            ) from None
+        self.read_bytes += len(data)
+        self.eof = not data
+
+    def skip_space(self, pos: int) -> int:
+        """The next non-space position, reading on as needed (len(text) at the end of the file)."""
+        while True:
+            while pos < len(self.text) and self.text[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(self.text) or self.eof:
+                return pos
+            pos = self.drop_before(pos)
+            self.fill()
+
+    def drop_before(self, pos: int) -> int:
+        """Forget text before `pos` once it is a chunk long; returns `pos` in the kept text."""
+        if pos < CHUNK_BYTES:
+            return pos
+        self.line_of(pos)
+        self.text, self.counted = self.text[pos:], 0
+        return 0
+
+    def line_of(self, pos: int) -> int:
+        """The line of text[pos]; positions asked for only grow."""
+        self.line += self.text.count("\n", self.counted, pos)
+        self.counted = pos
+        return self.line
+
+    def end(self, pos: int) -> None:
+        """After the closing ']' at `pos` only whitespace may follow."""
+        pos = self.skip_space(pos + 1)
+        if pos < len(self.text):
+            raise DataError(f"{self.file}:{self.line_of(pos)}: data after the JSON array's end")
 
 
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
+_OVERSIZED = object()
 
 
-def _read_parquet(file: Path) -> Iterator[tuple[str, Any]]:
-    """Rows as dicts; locations are `file:row N` (0-based, as pandas and datasets count)."""
+def _read_parquet(file: Path, errors: list[str], limit: int) -> Iterator[tuple[str, Any]]:
+    """Rows as dicts; locations are `file:row N` (0-based, as pandas and datasets count). Parquet reads a
+    column chunk at once: a row's size is checked after reading, from its Arrow buffers."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(file)
         row = 0
-        for batch in parquet.iter_batches(batch_size=4096):
-            for record in batch.to_pylist():
-                yield f"{file}:row {row}", _drop_nulls(record)
+        for batch in parquet.iter_batches(batch_size=1024):
+            sizes = _row_sizes(batch) if batch.nbytes > limit else None
+            for index, record in enumerate(batch.to_pylist()):
+                if sizes is not None and sizes[index] > limit:
+                    errors.append(_oversized(f"{file}:row {row}", sizes[index], limit))
+                else:
+                    yield f"{file}:row {row}", _drop_nulls(record)
                 row += 1
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{file}: not a readable Parquet file ({exc})") from None
+
+
+def _row_sizes(batch: Any) -> list[int]:
+    """Bytes each row of an Arrow record batch holds (its slice of every column's buffers)."""
+    sizes = [0] * batch.num_rows
+    for column in batch.columns:
+        for index in range(batch.num_rows):
+            sizes[index] += column.slice(index, 1).nbytes
+    return sizes
 
 
 def _drop_nulls(value: Any) -> Any:

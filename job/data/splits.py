@@ -19,6 +19,7 @@ from job.config.schema import DataConfig, TrainConfig
 from job.data.masking import Tokenize, describe_example, examples_to_columns
 from job.data.packing import pack_dataset, packing_summary
 from job.data.read import Example
+from job.data.templates import RENDER_MAX_CHARS
 from job.errors import DataError
 from job.logs import get_logger
 
@@ -91,12 +92,19 @@ def tokenize_split(examples: list[Example], tokenizer: Any, data: DataConfig, na
             "input_ids": datasets.List(datasets.Value("int32")),
             "labels": datasets.List(datasets.Value("int32")),
             "full_length": datasets.Value("int32"),
+            "partial": datasets.Value("bool"),
             "trainable": datasets.Value("int32"),
             "error": datasets.Value("string"),
         }
     )
     tokenized = source.map(
-        Tokenize(tokenizer, train_on=data.train_on, max_length=data.max_length),
+        Tokenize(
+            tokenizer,
+            train_on=data.train_on,
+            max_length=data.max_length,
+            max_invalid=data.max_invalid,
+            render_chars=max(RENDER_MAX_CHARS, 4 * data.max_record_bytes),
+        ),
         batched=True,
         batch_size=BATCH_SIZE,
         num_proc=processes if processes > 1 else None,
@@ -108,12 +116,16 @@ def tokenize_split(examples: list[Example], tokenizer: Any, data: DataConfig, na
     full = table["full_length"].to_numpy(zero_copy_only=False)
     trainable = table["trainable"].to_numpy(zero_copy_only=False)
     errors = table["error"].to_pylist()
+    partial = table["partial"].to_numpy(zero_copy_only=False)
     sources = table["source"].to_pylist()
     bad = np.array([e is not None for e in errors], dtype=bool)
     full = np.where(bad, 0, full)
     too_long = full > data.max_length
     if data.truncation == "error" and too_long.any():
-        shown = [f"{sources[i]}: {full[i]} tokens" for i in np.flatnonzero(too_long)[:MAX_LISTED]]
+        shown = [
+            f"{sources[i]}: {'more than ' if partial[i] else ''}{full[i]} tokens"  # only a prefix was tokenized
+            for i in np.flatnonzero(too_long)[:MAX_LISTED]
+        ]
         raise DataError(
             f"{int(too_long.sum())} example(s) longer than data.max_length={data.max_length}:\n  " + "\n  ".join(shown),
             hint="raise data.max_length, or set data.truncation to truncate or drop",
