@@ -10,8 +10,14 @@ and local copies older than the newest committed one are removed.
 
 At start, `prepare_resume` cleans what a killed predecessor left (prefixes with
 no manifest, unfinished multipart uploads, local folders) and returns the newest
-committed checkpoint whose files match their manifest, falling back to older ones.
+committed checkpoint whose files match their manifest and whose pickled files load
+the way Trainer loads them (`weights_only=True`), falling back to older ones.
 transformers' `get_last_checkpoint` is never used: it trusts folder names.
+
+The run's writer passes its lease's fence: the uploader calls it before a checkpoint's
+first byte, right before the manifest commit (the durable act) and before each retention
+delete, so a process that lost the lease writes nothing more. A failed background upload
+surfaces in the training thread with its own class (LeaseLost 75, AccessDenied 77, ...).
 
 Several nodes: each node's first rank uploads the files its node's ranks wrote (their
 RNG states, FSDP shards) in parallel with the other nodes, then records what it
@@ -28,12 +34,13 @@ import re
 import shutil
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from job.durability import faults
-from job.errors import ConfigError, JobError
+from job.errors import ConfigError, DataError, JobError
 from job.logs import get_logger
 from job.storage import LocalStore, Store, join_key
 from job.storage.base import commit_manifest
@@ -45,6 +52,8 @@ CHECKPOINTS_PREFIX = "checkpoints"
 PARTS_DIR = ".parts"
 _PART_POLL_SECONDS = 1.0
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+PICKLED_SUFFIXES = (".pt", ".pth", ".bin")
+NOT_LOADED_ON_RESUME = {"training_args.bin"}
 
 
 def checkpoint_prefix(step: int) -> str:
@@ -117,9 +126,44 @@ def check_scratch_space(scratch: Path, checkpoint_bytes: int, model_bytes_to_pul
         )
 
 
+def unsafe_pickle(directory: Path) -> tuple[str, str] | None:
+    """The first pickled file that Trainer's resume would refuse, and why; None when every one loads.
+
+    Loaded as Trainer loads them: `torch.load(weights_only=True)` inside transformers' `safe_globals()`
+    (numpy's RNG state), memory-mapped where the format allows, so tensors are not read."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    pickled = sorted(
+        path
+        for path in directory.rglob("*")
+        if path.is_file() and path.suffix in PICKLED_SUFFIXES and path.name not in NOT_LOADED_ON_RESUME
+    )
+    for path in pickled:
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as exc:
+            return path.relative_to(directory).as_posix(), _load_error(exc)
+    return None
+
+
+def _load_error(exc: Exception) -> str:
+    """The telling part of a load error: torch's weights-only message wraps the offending global in advice."""
+    text = str(exc).split("WeightsUnpickler error:", 1)[-1]
+    boilerplate = ("Weights only load failed", "Check the documentation")
+    paragraphs = [" ".join(part.split()) for part in text.split("\n\n")]
+    telling = [part for part in paragraphs if part and not part.startswith(boilerplate)]
+    return "; ".join(telling) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def prepare_resume(store: Store, resume_dir: Path) -> tuple[int, Path] | None:
-    """The newest committed checkpoint that verifies (sizes and sha256), pulled locally; None if none."""
+    """The newest committed checkpoint that verifies (sizes, sha256, safe pickles), pulled locally; None if none.
+
+    DataError (65) when committed checkpoints exist and the only ones that verify hold a pickle that
+    Trainer would refuse: starting from step 0 would silently throw their work away."""
     committed, _ = stored_checkpoints(store)
+    refused: tuple[int, str, str] | None = None
     for step in committed:
         prefix = checkpoint_prefix(step)
         manifest = store.read_manifest(prefix)
@@ -136,10 +180,31 @@ def prepare_resume(store: Store, resume_dir: Path) -> tuple[int, Path] | None:
             problems = [str(exc)]
         if problems:
             log.error("checkpoint_damaged_falling_back", step=step, problems=problems[:5])
+            _drop_pulled(local, resume_dir)
+            continue
+        unsafe = unsafe_pickle(local)
+        if unsafe is not None:  # never deleted from the store: a person decides
+            log.error("checkpoint_unsafe_falling_back", step=step, file=unsafe[0], reason=unsafe[1][:200])
+            refused = refused or (step, *unsafe)
+            _drop_pulled(local, resume_dir)
             continue
         log.info("checkpoint_verified", step=step, files=len(manifest.files), bytes=manifest.total_bytes)
         return step, local
+    if refused is not None:
+        step, name, reason = refused
+        uri = f"{store.uri}/{checkpoint_prefix(step)}"
+        raise DataError(
+            f"no committed checkpoint can be resumed: {uri}/{name} is refused by torch.load(weights_only=True), "
+            f"as Trainer would load it ({reason[:200]})",
+            hint=f"delete the checkpoint prefix {uri}/ to resume from an older checkpoint or start from step 0",
+        )
     return None
+
+
+def _drop_pulled(local: Path, resume_dir: Path) -> None:
+    """Remove a refused checkpoint's pulled copy (it takes scratch space); never a local store's own files."""
+    if local.is_relative_to(resume_dir):
+        shutil.rmtree(local, ignore_errors=True)
 
 
 @dataclass
@@ -163,13 +228,17 @@ class CheckpointUploader:
         node_rank: int = 0,
         nnodes: int = 1,
         parts_timeout: float = 3600.0,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.keep = keep
         self.on_committed = on_committed
         self.node_rank, self.nnodes, self.parts_timeout = node_rank, nnodes, parts_timeout
+        self.fence = fence or _open_fence
+        """Raises (LeaseLost) when this process may no longer write the run; called before each durable write."""
         self.newest_committed: int | None = None
         self.error: BaseException | None = None
+        self.error_step: int | None = None
         self._queue: queue.Queue[tuple[int, Path] | None] = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
@@ -178,9 +247,22 @@ class CheckpointUploader:
         self._thread = threading.Thread(target=context.run, args=(self._run,), name="checkpoint-upload", daemon=True)
         self._thread.start()
 
+    def raise_if_failed(self) -> None:
+        """Re-raise the first failed background upload here, keeping its class and so its exit code."""
+        error = self.error
+        if error is None:
+            return
+        where = f"background upload of checkpoint step {self.error_step} failed"
+        if not isinstance(error, JobError):
+            raise JobError(f"{where}: {type(error).__name__}: {error}") from error
+        surfaced = error.__class__.__new__(error.__class__)  # no subclass __init__ to satisfy
+        surfaced.__dict__.update(error.__dict__)
+        surfaced.message = f"{where}: {error.message}"
+        surfaced.args = (surfaced.message,)
+        raise surfaced from error
+
     def submit(self, step: int, local: Path) -> None:
-        if self.error is not None:
-            raise JobError(f"a checkpoint upload failed earlier: {self.error}")
+        self.raise_if_failed()
         self._idle.clear()
         self._queue.put((step, local))
 
@@ -205,8 +287,9 @@ class CheckpointUploader:
                     self._retain(step)
                 self._drop_local(step, local.parent)
             except BaseException as exc:  # surfaced to the training thread at the next submit/finish
-                self.error = exc
-                log.error("checkpoint_upload_failed", step=step, error=str(exc))
+                if self.error is None:
+                    self.error, self.error_step = exc, step
+                log.error("checkpoint_upload_failed", step=step, error=str(exc), error_type=type(exc).__name__)
             finally:
                 if self._queue.empty():
                     self._idle.set()
@@ -214,6 +297,7 @@ class CheckpointUploader:
     def _upload(self, step: int, local: Path) -> UploadResult:
         started = time.monotonic()
         prefix = checkpoint_prefix(step)
+        self.fence()  # before the first byte
         if faults.armed("mid_upload", step) or faults.armed("before_manifest", step):
             # Leave the store as a crash would: some (or all) files, no manifest.
             manifest = build_manifest(local, {"step": step})
@@ -223,7 +307,9 @@ class CheckpointUploader:
             faults.maybe_kill("mid_upload", step)
             faults.maybe_kill("before_manifest", step)
         if self.nnodes == 1:
-            manifest = self.store.push_directory(local, prefix, meta={"step": step})
+            manifest = self.store.push_directory(local, prefix, meta={"step": step}, commit=False)
+            self.fence()  # the commit is the durable act: checked right before it
+            commit_manifest(self.store, prefix, manifest)
         else:
             manifest = self._upload_part(step, local)
             if manifest is None:
@@ -256,6 +342,7 @@ class CheckpointUploader:
                     )
                 files[entry.name] = entry
         manifest = Manifest(files=sorted(files.values(), key=lambda e: e.name), meta={"step": step})
+        self.fence()
         commit_manifest(self.store, prefix, manifest)
         return manifest
 
@@ -271,6 +358,7 @@ class CheckpointUploader:
     def _retain(self, newest: int) -> None:
         committed, keys = stored_checkpoints(self.store)
         for step in committed[self.keep :]:
+            self.fence()
             delete_checkpoint(self.store, step, keys.get(step))
             log.info("checkpoint_retired", step=step, keep=self.keep)
 
@@ -278,3 +366,7 @@ class CheckpointUploader:
         for step, path in local_checkpoints(local_dir):
             if step < newest:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _open_fence() -> None:
+    """No lease to check (tests, and nodes other than the writer's)."""
