@@ -276,3 +276,89 @@ def test_a_record_in_another_format_names_where_the_format_was_detected(tmp_path
         load_dataset(path)
     text = str(info.value)
     assert f"{path}:2" in text and f"detected at {path}:1" in text and "looks like `text`" in text
+
+
+# ---------------------------------------------------------------- bounded records
+
+
+def test_a_200_mb_jsonl_line_is_a_bad_record_read_in_bounded_memory(tmp_path: Path) -> None:
+    """The line is skipped in pieces: never held whole (it once went on to a 10 GB tokenization)."""
+    import tracemalloc
+
+    path = tmp_path / "huge.jsonl"
+    piece = b"a" * (1 << 20)
+    with path.open("wb") as handle:  # streamed out: the test never holds the line either
+        handle.write(b'{"text": "fine"}\n{"text": "')
+        for _ in range(200):
+            handle.write(piece)
+        handle.write(b'"}\n{"text": "also fine"}\n')
+    tracemalloc.start()
+    try:
+        dataset = load_dataset(path, max_invalid=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [e.text for e in dataset.examples] == ["fine", "also fine"]
+    size = 200 * (1 << 20) + len('{"text": ""}')
+    assert dataset.skipped == [f"{path}:2: record of {size} bytes, over data.max_record_bytes={8 << 20} "
+                               "(raise it if records really are that large)"]  # fmt: skip
+    assert peak < 32 << 20, f"peak {peak >> 20} MiB while reading"
+    with pytest.raises(DataError, match=rf"huge\.jsonl:2: record of {size} bytes, over data\.max_record_bytes") as info:
+        load_dataset(path)
+    assert info.value.exit_code == 65
+
+
+def test_record_limit_applies_to_every_container(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    big = {"text": "b" * 5000}
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "ok"}, big])
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps(big) + "\n" + json.dumps({"text": "ok"}) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps([{"text": "ok"}, big, {"text": "ok"}], indent=1))
+    pq.write_table(pa.Table.from_pylist([{"text": "ok"}, big]), tmp_path / "d.parquet")
+    dataset = load_dataset(tmp_path, max_invalid=10, max_record_bytes=4096)
+    assert [e.source.rsplit("/", 1)[1] for e in dataset.examples] == [
+        "a.jsonl:1",
+        "b.jsonl.gz:2",
+        "c.json:2",
+        "c.json:8",
+        "d.parquet:row 0",
+    ]
+    where = [line.split(": record of")[0].rsplit("/", 1)[1] for line in dataset.skipped]
+    assert where == ["a.jsonl:2", "b.jsonl.gz:1", "c.json:5", "d.parquet:row 1"]
+    assert all("over data.max_record_bytes=4096" in line for line in dataset.skipped)
+    assert load_dataset(tmp_path, max_invalid=10).skipped == []  # within the default limit
+
+
+def test_a_json_array_element_too_large_to_hold_ends_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_text('[\n{"text": "ok"},\n{"text": "' + "c" * (3 << 20) + '"}\n]')
+    with pytest.raises(DataError, match=r"big\.json:3: record of more than 4096 bytes, over data\.max_record_bytes"):
+        load_dataset(path, max_record_bytes=4096)
+    assert len(load_dataset(path).examples) == 2
+
+
+def test_data_max_record_bytes_is_checked() -> None:
+    from job.config.schema import DataConfig
+    from job.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.max_record_bytes must be at least 1024"):
+        DataConfig(train="t.jsonl", max_record_bytes=10)
+
+
+@pytest.mark.parametrize(
+    ("record", "fmt"),
+    [
+        ({"messages": [{"role": "x" * 1_000_000, "content": "q"}]}, "messages"),
+        ({"k" * 1_000_000: 1}, "auto"),
+        ({"k" * 1_000_000: 1}, "text"),
+    ],
+)
+def test_a_huge_value_is_quoted_cut_short(tmp_path: Path, record: dict, fmt: str) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", [record])
+    with pytest.raises(DataError) as info:
+        load_dataset(path, fmt)
+    assert f"{path}:1" in str(info.value) and "more characters" in str(info.value)
+    assert len(str(info.value)) < 2000

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +21,12 @@ from job.data.masking import (
     default_chat_template,
     describe_example,
     examples_to_columns,
+    resolve_chat_template,
     tokenize_examples,
     tokenize_one,
 )
 from job.data.read import Example, load_dataset
-from job.errors import DataError
+from job.errors import ConfigError, DataError, InputNotFound
 
 CONVERSATION = (
     {"role": "system", "content": "Be brief."},
@@ -261,3 +265,175 @@ def test_truncation_modes(tokenizer) -> None:
     assert dropped.sources == ["t:2"] and dropped.dropped == ["t:1"]
     with pytest.raises(DataError, match=r"t:1: \d+ tokens, over data.max_length=16"):
         tokenize_examples([long, short], local, max_length=16, train_on="assistant", truncation="error")
+
+
+# ---------------------------------------------------------------- where a configured template comes from
+
+
+def test_a_template_file_is_named_by_its_suffix_or_file_prefix(tmp_path) -> None:
+    named = tmp_path / "t.jinja"
+    named.write_text(LLAMA3_STYLE)
+    assert resolve_chat_template(None, str(named)) == (LLAMA3_STYLE, "config")
+    other = tmp_path / "template.txt"
+    other.write_text(LLAMA3_STYLE)
+    assert resolve_chat_template(None, f"file:{other}") == (LLAMA3_STYLE, "config")
+    assert resolve_chat_template(None, LLAMA3_STYLE) == (LLAMA3_STYLE, "config")  # inline text
+    with pytest.raises(ConfigError, match="neither a template file nor a Jinja template") as info:
+        resolve_chat_template(None, str(other))  # any other path is not read: it is (bad) template text
+    assert info.value.exit_code == 64
+    with pytest.raises(InputNotFound, match=r"data\.chat_template file .*missing\.j2 does not exist") as missing:
+        resolve_chat_template(None, str(tmp_path / "missing.j2"))
+    assert missing.value.exit_code == 66
+
+
+@pytest.mark.parametrize("how", ["jinja link", "file: prefix", "device"])
+def test_templates_are_never_read_from_proc_sys_or_dev(tmp_path, how: str) -> None:
+    """/proc/self/environ holds the credentials; it once became final/chat_template.jinja."""
+    if how == "jinja link":
+        (tmp_path / "t.jinja").symlink_to("/proc/self/environ")
+        value, root = str(tmp_path / "t.jinja"), "/proc"
+    elif how == "file: prefix":
+        value, root = "file:/proc/self/environ", "/proc"
+    else:
+        value, root = "file:/dev/zero", "/dev"
+    with pytest.raises(ConfigError, match=rf"resolves to {root}/\S+, under {root}: templates are never read") as info:
+        resolve_chat_template(None, value)
+    assert info.value.exit_code == 64
+
+
+def test_a_template_file_over_256_kib_is_refused(tmp_path) -> None:
+    path = tmp_path / "huge.jinja"
+    path.write_text("{{ bos_token }}" + " " * (300 * 1024))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))} is {300 * 1024 + 15} bytes, over the 262144-byte"):
+        resolve_chat_template(None, str(path))
+
+
+# ---------------------------------------------------------------- rendering within limits
+
+RUNAWAY = {
+    "loops writing": "{% for a in range(99999) %}{% for b in range(99999) %}x{% endfor %}{% endfor %}",
+    "loops silent": "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}",
+    "content repeated": "{% for a in range(99999) %}{{ messages[0]['content'] }}{% endfor %}",
+    "doubling": "{% set ns = namespace(s='xy') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "doubling with ~": "{% set ns = namespace(s='xy') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}",
+    "wide filter": "{{ 'x' | center(2 ** 40) }}",
+    "huge power": "{{ 2 ** 99999999 }}",
+    "string times": "{{ messages[0]['content'] * 10 ** 8 }}",
+}
+LIMITS = "(ran longer than 0.5 s|wrote more than|built a value of|was given the number|raised a number|multiplied)"
+
+
+def finishes(seconds: float, function):
+    """function()'s result, failing the test (not hanging it) when it runs longer than `seconds`."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:  # handed to the test below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.mark.parametrize("name", sorted(RUNAWAY))
+def test_a_runaway_template_stops_with_a_data_error_naming_the_record(tokenizer, monkeypatch, name: str) -> None:
+    monkeypatch.setattr("job.data.templates.RENDER_SECONDS", 0.5)
+    local = copy.deepcopy(tokenizer)
+    local.chat_template = RUNAWAY[name]
+    example = Example(
+        "t.jsonl:7", messages=({"role": "user", "content": "q" * 1000}, {"role": "assistant", "content": "a"})
+    )
+    started = time.monotonic()
+    with pytest.raises(DataError, match=rf"t\.jsonl:7: the chat template {LIMITS}") as info:
+        finishes(30, lambda: tokenize_one(example, local, train_on="assistant"))
+    assert info.value.exit_code == 65 and "data.chat_template" in str(info.value)
+    assert time.monotonic() - started < 10
+
+
+def test_render_limits_count_against_max_invalid(tokenizer, monkeypatch) -> None:
+    monkeypatch.setattr("job.data.templates.RENDER_SECONDS", 0.3)
+    local = copy.deepcopy(tokenizer)
+    local.chat_template = (
+        "{% if messages[0]['content'] == 'boom' %}" + RUNAWAY["loops silent"] + "{% endif %}" + LLAMA3_STYLE
+    )
+    examples = [Example(f"t:{i}", messages=({"role": "user", "content": c}, {"role": "assistant", "content": "a"}))
+                for i, c in enumerate(["boom", "fine", "boom"])]  # fmt: skip
+    columns = examples_to_columns(examples)
+    out = finishes(30, lambda: Tokenize(local, train_on="assistant", max_length=64, max_invalid=2)(columns))
+    assert [bool(e) for e in out["error"]] == [True, False, True] and out["input_ids"][1]
+    with pytest.raises(DataError, match=r"t:2: the chat template ran longer than 0\.3 s"):  # the second is one too many
+        finishes(30, lambda: Tokenize(local, train_on="assistant", max_length=64, max_invalid=1)(columns))
+
+
+def test_the_guarded_renderer_renders_exactly_what_transformers_does(chat_tokenizer) -> None:
+    """Every template feature the guards touch: loops with loop vars, namespaces, set blocks, filters, `~`, `*`."""
+    chat_tokenizer.chat_template = (
+        "{% set ns = namespace(n=0, t='') %}{% set sep = '-' * 3 %}{% set head %}{{ bos_token }}{% endset %}"
+        "{{ head }}{% for m in messages if m['role'] != 'system' %}{% set ns.n = ns.n + 1 %}"
+        "{% set ns.t = ns.t ~ m['role'][0] %}"
+        "{{ loop.index }}/{{ loop.length }}{{ sep }}{{ m['role'] | upper }}: {{ m['content'] | trim }}"
+        "{% if loop.last %}{{ eos_token }}{% endif %}{% endfor %}{{ ns.n }}{{ ns.t }}{{ messages | length * 2 }}"
+        "{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% else %}none{% endfor %}{{ (messages | tojson)[:20] }}"
+    )
+    render = ChatRenderer(chat_tokenizer)
+    for messages in random_conversations(30, seed=11):
+        assert render(messages, "r") == chat_tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+# ---------------------------------------------------------------- tokenizing only what truncation keeps
+
+
+def long_text(seed: int, chars: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["word", " ", "\n", "\n\n\n", "    ", "🐸", "ünï", "[INST]", "</s>", "1234567", "...", "\t", "ab" * 30]
+    out, size = [], 0
+    while size < chars:
+        piece = rng.choice(pieces)
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
+@pytest.mark.parametrize("max_length", [16, 64, 300])
+def test_a_long_example_is_tokenized_only_as_far_as_truncation_needs(tokenizer, max_length: int) -> None:
+    local = copy.deepcopy(tokenizer)
+    apply_chat_template_choice(local, None)
+    for seed in range(6):
+        text = long_text(seed, 200_000 if seed % 2 else 60_000)
+        if seed == 5:
+            text = " " * 40_000 + text  # the first cut holds too few tokens: it doubles
+        examples = [
+            Example("t:doc", text=text),
+            Example(
+                "t:chat", messages=({"role": "user", "content": text[:50]}, {"role": "assistant", "content": text})
+            ),
+            Example("t:completion", text="Prompt: ", completion=text),
+        ]
+        out = Tokenize(local, train_on="assistant", max_length=max_length)(examples_to_columns(examples))
+        for row, example in enumerate(examples):
+            ids, labels = tokenize_one(example, local, train_on="assistant")
+            assert out["partial"][row] and max_length < out["full_length"][row] < len(ids) / 4, example.source
+            assert out["input_ids"][row] == ids[:max_length] and out["labels"][row] == labels[:max_length]
+
+
+def test_short_examples_are_tokenized_whole_and_too_long_ones_say_so(tokenizer) -> None:
+    local = copy.deepcopy(tokenizer)
+    apply_chat_template_choice(local, None)
+    short = Example("t:1", messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 40}))
+    out = Tokenize(local, train_on="assistant", max_length=16)(examples_to_columns([short]))
+    assert out["partial"] == [False] and out["full_length"][0] == len(tokenize_one(short, local, train_on="all")[0])
+    huge = Example("t:2", text=long_text(1, 100_000))
+    with pytest.raises(DataError, match=r"t:2: more than \d+ tokens, over data\.max_length=16"):
+        tokenize_examples([huge], local, max_length=16, train_on="assistant", truncation="error")
+    kept = tokenize_examples([huge, short], local, max_length=64, train_on="assistant", truncation="drop")
+    assert kept.dropped == ["t:2"] and kept.sources == ["t:1"]

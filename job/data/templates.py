@@ -164,10 +164,11 @@ def compile_guarded(template: str, guard: RenderGuard) -> Any | None:
         from transformers.utils.chat_template_utils import _compile_jinja_template
     except ImportError:
         return None
-    from jinja2 import nodes
+    from jinja2 import TemplateError, nodes
 
-    compiled = _compile_jinja_template(template)
-    env = compiled.environment.overlay()
+    # transformers' environment, from an empty template: compiling the real one there would fold its
+    # constants (`9 ** 99999999`) outside every limit.
+    env = _compile_jinja_template("").environment.overlay()
     sandbox_call = env.call
     sandbox_binop = env.call_binop
 
@@ -196,7 +197,10 @@ def compile_guarded(template: str, guard: RenderGuard) -> Any | None:
     env.filters = {name: _guarded_filter(f, guard) for name, f in env.filters.items()}
     env.filters[BOUNDED] = guard.check_size
     env.filters[BOUNDED_ITER] = guard.bounded_iter
-    source = compiled.environment.parse(template)
+    try:
+        source = env.parse(template)
+    except TemplateError as exc:
+        raise ConfigError(f"the chat template does not compile: {exc}", hint="check data.chat_template") from None
     # Filters, not calls: jinja calls a filter directly, a call goes through the sandbox (10 µs a render).
     for loop in source.find_all(nodes.For):  # every loop iteration checks the deadline, output or not
         loop.iter = nodes.Filter(loop.iter, BOUNDED_ITER, [], [], None, None)
@@ -208,7 +212,10 @@ def compile_guarded(template: str, guard: RenderGuard) -> Any | None:
             assign.node = nodes.Filter(assign.node, BOUNDED, [], [], None, None)
     for block in source.find_all(nodes.AssignBlock):
         block.filter = nodes.Filter(block.filter, BOUNDED, [], [], None, None) if block.filter else _bounded_filter()
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except TemplateError as exc:
+        raise ConfigError(f"the chat template does not compile: {exc}", hint="check data.chat_template") from None
 
 
 def _bounded_filter() -> Any:
