@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import write_jsonl
 from job.data.masking import tokenize_examples
 from job.data.prepare import prepare, validate
 from job.data.read import load_dataset
-from job.errors import DataError
+from job.errors import DataError, InputNotFound
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -151,3 +152,33 @@ def test_packed_training_run_stores_its_tokenization_cache(tmp_path, tiny_model_
     fingerprint = result.events("tokenize_cache_miss")[0]["fingerprint"]
     assert (tmp_path / "outputs" / "packed" / "cache" / fingerprint / "MANIFEST.json").is_file()
     assert result.events("tokenize_cache_stored")
+
+
+def test_a_runaway_template_stops_every_worker_process(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    """The deadline is checked in the render itself (no signals): it works inside datasets.map workers."""
+    monkeypatch.setattr("job.data.templates.RENDER_SECONDS", 0.5)  # forked workers inherit it
+    monkeypatch.setattr("job.data.splits.EXAMPLES_PER_PROCESS", 10)
+    template = tmp_path / "loops.jinja"
+    template.write_text("{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}")
+    train = write_jsonl(tmp_path / "train.jsonl", chat_records(30))
+    config = job_config(tmp_path, tiny_model_dir, train, f"data.chat_template={template}", "data.num_proc=2")
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"train\.jsonl:\d+: the chat template ran longer than 0\.5 s") as info:
+        prepare(config)
+    assert info.value.exit_code == 65 and time.monotonic() - started < 60
+
+
+def test_record_limit_and_template_path_reach_prepare(tmp_path, tiny_model_dir) -> None:
+    records = [
+        *chat_records(3),
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 3000}]},
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(DataError, match=r"train\.jsonl:4: record of \d+ bytes, over data\.max_record_bytes=2048"):
+        prepare(job_config(tmp_path, tiny_model_dir, train, "data.max_record_bytes=2048"))
+    skipped = prepare(job_config(tmp_path, tiny_model_dir, train, "data.max_record_bytes=2048", "data.max_invalid=1"))
+    assert skipped.train.stats["examples"] == 3 and len(skipped.skipped) == 1
+    assert prepare(job_config(tmp_path, tiny_model_dir, train)).train.stats["examples"] == 4
+    config = job_config(tmp_path, tmp_path / "no-such-model", train, f"data.chat_template={tmp_path / 'nope.jinja'}")
+    with pytest.raises(InputNotFound, match=r"data\.chat_template file .*nope\.jinja does not exist"):
+        prepare(config)  # before the data is read or the model resolved (that would be another exit 66)
