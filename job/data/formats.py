@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from job.errors import DataError
+from job.logs import shorten
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -30,10 +31,9 @@ ECHO_LIMIT = 300
 
 
 def clip(text: str, limit: int = ECHO_LIMIT) -> str:
-    """`text` cut to `limit` characters, saying how many more there were."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+    """`text` cut to `limit` characters, saying how many were cut (`job.logs.shorten`, which also masks URL
+    credentials)."""
+    return shorten(text, limit)
 
 
 @dataclass(frozen=True, slots=True)
