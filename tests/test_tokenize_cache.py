@@ -95,6 +95,7 @@ def test_every_setting_that_changes_tokens_changes_the_fingerprint(tmp_path, tin
         ("data.truncation=drop",),
         (f"data.chat_template={template}",),
         ("data.eval_fraction=0.5",),
+        ("data.max_record_bytes=4096",),  # which records are valid
     ]
     keys = [prepare(job_config(tmp_path, tiny_model_dir, train, *v)).fingerprint for v in variants]
     assert len(set(keys)) == len(keys)
