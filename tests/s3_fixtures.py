@@ -15,11 +15,9 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -182,12 +180,6 @@ def _free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in sockets]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when pytest dies, so no server outlives a killed test run."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 # Each bucket is a SeaweedFS collection; growing 1 volume (not 7) per collection keeps a per-test bucket cheap.
 _MASTER_TOML = "[master.volume_growth]\ncopy_1 = 1\ncopy_other = 1\n"
 _WEED_READY_SECONDS = 120.0
@@ -217,9 +209,7 @@ def seaweedfs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     ]  # fmt: skip
     log_path = root / "weed.log"
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            command, cwd=root, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-        )
+        process = subprocess.Popen(command, cwd=root, stdout=log_file, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{s3}"
     try:
         _wait_for_seaweedfs(process, endpoint, log_path)
