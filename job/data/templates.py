@@ -33,14 +33,10 @@ RENDER_MAX_CHARS = 32 * 1024 * 1024
 for a template that repeats a system prompt; far beyond any conversation data.max_length keeps."""
 MAX_EXPONENT = 4096
 """`a ** b` with a larger exponent is refused: big-integer powers run inside one C call, past any deadline."""
-
-
 BOUNDED = "sft_bounded"
 """The filter that checks a stored value's size (a name no template uses)."""
 BOUNDED_ITER = "sft_bounded_iter"
 """The filter around what every `{% for %}` loops over."""
-
-
 SMALL_LOOP = 1024
 """Loops over at most this many items skip the per-item deadline check (the fast path: conversations)."""
 
@@ -69,7 +65,9 @@ def read_configured_template(configured: str) -> str:
                 hint="name a file ending in .jinja or .j2 (or write file:PATH), or give the template text",
             )
         if len(configured.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE_BYTES:
-            raise ConfigError(f"data.chat_template is over {MAX_TEMPLATE_BYTES} bytes", hint="no chat template is")
+            raise ConfigError(
+                f"data.chat_template is over {MAX_TEMPLATE_BYTES} bytes", hint="a chat template is a few KiB"
+            )
         return configured
     raw = configured.removeprefix(FILE_PREFIX) if configured.startswith(FILE_PREFIX) else configured.strip()
     return _read_template_file(raw)
