@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -326,11 +327,10 @@ def _run(argv: list[str] | None) -> int:
         code: Any = cli.main(args=argv, prog_name="entrypoint.py", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
-    except click.UsageError as exc:
-        exc.show()
-        code = ConfigError.exit_code  # usage errors are configuration errors (64), not click's 2
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors too: configuration errors (64), not click's 2
+        shown = io.StringIO()
+        exc.show(file=shown)  # the usage line and the message; a value in it may be huge or hold a URL
+        sys.stderr.write("\n".join(shorten(line, 1000) for line in shown.getvalue().splitlines()) + "\n")
         code = ConfigError.exit_code
     except click.Abort:
         code = Preempted.exit_code

@@ -223,6 +223,7 @@ class TrainingRun:
         a `logs/starts/` object (the card's count of preemptions survived)."""
         if not self.group.ranks.is_main:
             return
+        self.fence()
         try:
             self.store.write_bytes(RESOLVED_CONFIG, to_yaml(self.config).encode(), if_absent=True)
             log.info("config_recorded", uri=f"{self.store.uri}/{RESOLVED_CONFIG}")
@@ -302,8 +303,10 @@ class TrainingRun:
                 node_rank=ranks.node_rank,
                 nnodes=ranks.nnodes,
                 parts_timeout=self.config.distributed.setup_timeout_seconds,
+                fence=self.fence if ranks.is_main else None,
             )
-        lease_lost = self.lease.lost.is_set if self.lease is not None else lambda: False
+        # Not held = lost to another process, or no renewal proven within the TTL: stop before writing again.
+        lease_lost = (lambda: not self.lease.held()) if self.lease is not None else lambda: False
         checkpoints = CheckpointCallback(
             self.config.checkpoint.every_minutes,
             self.config.checkpoint.background_upload,
@@ -365,8 +368,7 @@ class TrainingRun:
             raise PreemptedNow(self.preemption.signal_name)
         if self.uploader is not None:
             self.uploader.close()
-            if self.uploader.error is not None:
-                raise self.uploader.error
+            self.uploader.raise_if_failed()  # with its own exit code (LeaseLost 75, AccessDenied 77...)
         self.metrics_log.flush()
 
     def evaluate(self) -> dict[str, Any]:
@@ -391,7 +393,7 @@ class TrainingRun:
         # FSDP: every rank hands its shards over; rank 0 receives the whole (consolidated) state dict.
         state_dict = self.trainer.accelerator.get_state_dict(self.trainer.model) if self.group.distributed else None
         if self.group.ranks.is_main:
-            publish_final(self.store, self.stage_final(metrics, state_dict))
+            publish_final(self.store, self.stage_final(metrics, state_dict), fence=self.fence)
         self.group.barrier("publish")
         self.timings.publish_seconds = publishing.stop()
 
@@ -428,6 +430,7 @@ class TrainingRun:
         if not self.group.ranks.is_main:
             return
         if self.config.checkpoint.delete_after_final:
+            self.fence()
             _, keys = stored_checkpoints(self.store)
             for step in sorted(keys):
                 delete_checkpoint(self.store, step, keys[step])
@@ -454,6 +457,11 @@ class TrainingRun:
         raise Preempted(f"stopped by {signal_name}; newest durable checkpoint: {where}") from None
 
     # ------------------------------------------------------------------ helpers
+
+    def fence(self) -> None:
+        """Before a durable write: LeaseLost (75) unless this process can still prove it holds the lease."""
+        if self.lease is not None:
+            self.lease.ensure_held()
 
     def on_checkpoint_committed(self, result: UploadResult) -> None:
         """Uploader thread: record the timings, flush metrics up to the step, check the grace budget once."""

@@ -53,3 +53,13 @@ def test_the_world_size_is_drift_but_the_rendezvous_is_not() -> None:
     assert config_drift(first, moved) == []
     recorded_before_distributed_existed = {k: v for k, v in first.items() if k != "distributed"}
     assert config_drift(recorded_before_distributed_existed, first) == []
+
+
+def test_credentials_in_urls_are_compared_redacted_and_long_values_cut() -> None:
+    # A record written before URLs were redacted holds the password; the same run restarted is not drift.
+    recorded = resolved("data.train=https://user:old-secret@data.example/train.jsonl")
+    recorded["data"]["train"] = "https://user:old-secret@data.example/train.jsonl"
+    assert config_drift(recorded, resolved("data.train=https://user:new-secret@data.example/train.jsonl")) == []
+    huge = "x" * 1_000_000
+    [change] = config_drift(resolved(), resolved(f"data.chat_template={{{{ {huge} }}}}"))
+    assert change.startswith("data.chat_template: None -> ") and len(change) < 1000

@@ -177,7 +177,9 @@ def test_pod_failure_policy_rules_in_order(overlay):
     assert fatal["onExitCodes"]["containerName"] == "train"
     assert fatal["onExitCodes"]["operator"] == "In"
     values = fatal["onExitCodes"]["values"]
-    assert values == FATAL_EXIT_CODES, "FailJob exactly on config, data, not found, training, scratch full, access denied"
+    assert values == FATAL_EXIT_CODES, (
+        "FailJob exactly on config, data, not found, training, scratch full, access denied"
+    )
     assert values == sorted(set(values)), "the API wants exit codes ascending and unique"
     for code in RETRYABLE_EXIT_CODES:
         assert all(code not in r.get("onExitCodes", {}).get("values", []) for r in rules), f"{code} must be counted"

@@ -6,8 +6,11 @@ so its final weights and per-step losses must equal the reference's bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -189,3 +192,79 @@ def test_sigterm_before_training_still_exits_75(tiny_model_dir, tmp_path) -> Non
     assert job.wait_for("preemption_signal")["decision"] == "stop_now_without_saving"
     assert job.wait_for("preempted")["newest_durable_step"] is None
     assert not job.events("training_started")
+
+
+class OutageProxy:
+    """A TCP relay to the S3 server that goes down the first time a request line starts with `trigger`
+    (every open connection cut, every new one refused) until `restore()`: a real outage at an exact point."""
+
+    def __init__(self, upstream: str, trigger: bytes) -> None:
+        host, port = upstream.removeprefix("http://").rsplit(":", 1)
+        self.upstream, self.trigger = (host, int(port)), trigger
+        self.down = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def restore(self) -> None:
+        self.down.clear()
+
+    def close(self) -> None:
+        self.server.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.down.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                trigger = self.trigger
+                if requests and trigger and (data.startswith(trigger) or b"\r\n" + trigger in data):
+                    self.trigger = b""  # once: after restore() the store stays up
+                    self.down.set()
+                if self.down.is_set():
+                    break
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+
+def test_store_outage_between_the_last_commit_and_the_final_manifest(
+    reference_run, tiny_model_dir, tmp_path, s3_bucket
+) -> None:
+    """The final step's checkpoint commits, the store goes down as publish begins (69); the retry resumes at
+    the final step and publishes exactly the uninterrupted run's weights, training no step past the end."""
+    _, reference_dir = reference_run
+    proxy = OutageProxy(s3_bucket.endpoint, f"PUT /{s3_bucket.name}/runs/outage/final/".encode())
+    args = [
+        *cpu_run_args(tmp_path, tiny_model_dir, "outage", "--set", "checkpoint.every_steps=12"),
+        *("--set", f"run.output={s3_bucket.uri}/runs", "--set", f"storage.endpoint_url={proxy.endpoint}"),
+        *("--set", "storage.max_attempts=2", "--set", "storage.connect_timeout=2", "--set", "run.lease_ttl_seconds=3"),
+    ]
+    try:
+        failed = run_job(*args)
+        assert failed.returncode == 69, failed.stderr[-3000:]
+        assert proxy.down.is_set()
+        assert max(e["step"] for e in failed.events("checkpoint_committed")) == 24
+        proxy.restore()
+        resumed = run_job(*args)
+    finally:
+        proxy.close()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.events("resuming")[0]["step"] == 24 and resumed.events("resumed_at_final_step")
+    assert not resumed.events("step")  # not one step trained past the end
+    (tmp_path / "got").mkdir()
+    open_store(f"{s3_bucket.uri}/runs/outage").pull(tmp_path / "got" / "final", "final")
+    assert_same_as_reference(reference_dir, tmp_path / "got")

@@ -25,8 +25,13 @@ def config_drift(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]
     A field the recording version did not have, now at its default, is not drift: upgrading
     the image mid-run must not strand a run.
     """
+    from job.config.load import redacted
     from job.config.schema import JobConfig
+    from job.logs import shorten
 
+    # Credentials in URLs are never recorded (and a record from before that rule holds them): compare the
+    # redacted forms, so the same URL is never drift and a changed password is not a different run.
+    recorded, current = redacted(recorded), redacted(current)
     defaults = JobConfig().to_dict()
     changes = []
     for section, keys in DEFINING.items():
@@ -39,5 +44,5 @@ def config_drift(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]
             if name not in old and name in defaults[section] and new.get(name) == defaults[section][name]:
                 continue
             if old.get(name) != new.get(name):
-                changes.append(f"{section}.{name}: {old.get(name)!r} -> {new.get(name)!r}")
+                changes.append(f"{section}.{name}: {shorten(repr(old.get(name)))} -> {shorten(repr(new.get(name)))}")
     return changes

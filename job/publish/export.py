@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from job.errors import JobError
 from job.logs import get_logger
 from job.storage import Store
+from job.storage.base import commit_manifest
 from job.storage.manifest import Manifest
 
 log = get_logger(__name__)
@@ -53,9 +55,17 @@ def stage_final(
     return staging
 
 
-def publish_final(run_store: Store, staging: Path) -> Manifest:
-    """Push the staged directory to `final/`, manifest last."""
-    manifest = run_store.push_directory(staging, FINAL_PREFIX, meta={"kind": "final"})
+def publish_final(run_store: Store, staging: Path, fence: Callable[[], None] | None = None) -> Manifest:
+    """Push the staged directory to `final/`, manifest last.
+
+    `fence` raises when this process may no longer write the run (its lease is not proven): it is
+    checked before the files and again right before the manifest, the commit point."""
+    if fence is not None:
+        fence()
+    manifest = run_store.push_directory(staging, FINAL_PREFIX, meta={"kind": "final"}, commit=False)
+    if fence is not None:
+        fence()
+    commit_manifest(run_store, FINAL_PREFIX, manifest)
     log.info(
         "final_published",
         uri=f"{run_store.uri}/{FINAL_PREFIX}",
