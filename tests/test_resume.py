@@ -242,15 +242,16 @@ class OutageProxy:
 
 
 def test_store_outage_between_the_last_commit_and_the_final_manifest(
-    reference_run, tiny_model_dir, tmp_path, s3_bucket
+    reference_run, tiny_model_dir, tmp_path, seaweedfs_bucket
 ) -> None:
     """The final step's checkpoint commits, the store goes down as publish begins (69); the retry resumes at
-    the final step and publishes exactly the uninterrupted run's weights, training no step past the end."""
+    the final step and publishes exactly the uninterrupted run's weights, training no step past the end.
+    On SeaweedFS: a real store's conditional writes and listings (the SIGKILL test above runs on moto)."""
     _, reference_dir = reference_run
-    proxy = OutageProxy(s3_bucket.endpoint, f"PUT /{s3_bucket.name}/runs/outage/final/".encode())
+    proxy = OutageProxy(seaweedfs_bucket.endpoint, f"PUT /{seaweedfs_bucket.name}/runs/outage/final/".encode())
     args = [
         *cpu_run_args(tmp_path, tiny_model_dir, "outage", "--set", "checkpoint.every_steps=12"),
-        *("--set", f"run.output={s3_bucket.uri}/runs", "--set", f"storage.endpoint_url={proxy.endpoint}"),
+        *("--set", f"run.output={seaweedfs_bucket.uri}/runs", "--set", f"storage.endpoint_url={proxy.endpoint}"),
         *("--set", "storage.max_attempts=2", "--set", "storage.connect_timeout=2", "--set", "run.lease_ttl_seconds=3"),
     ]
     try:
@@ -266,5 +267,5 @@ def test_store_outage_between_the_last_commit_and_the_final_manifest(
     assert resumed.events("resuming")[0]["step"] == 24 and resumed.events("resumed_at_final_step")
     assert not resumed.events("step")  # not one step trained past the end
     (tmp_path / "got").mkdir()
-    open_store(f"{s3_bucket.uri}/runs/outage").pull(tmp_path / "got" / "final", "final")
+    open_store(f"{seaweedfs_bucket.uri}/runs/outage").pull(tmp_path / "got" / "final", "final")
     assert_same_as_reference(reference_dir, tmp_path / "got")

@@ -101,3 +101,13 @@ def test_status_through_a_runs_life_and_nan_stops_with_70(tiny_model_dir, tmp_pa
     assert report["phase"] == "finished" and report["final"]["files"] >= 8
     text = run_job("status", run_uri).stdout
     assert "phase:     finished" in text and "final:" in text
+
+
+def test_a_malformed_lease_reads_as_not_live(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "runs")).child("odd")
+    store.write_bytes(RESOLVED_CONFIG, b"model: {source: some/model}\ndata: {train: t.jsonl}\n")
+    for body in (b'{"holder": "x", "heartbeat": 1', b'{"holder": "x", "heartbeat": NaN, "expires": NaN}', b"[]"):
+        store.write_bytes("lease.json", body)
+        report = run_status(store)
+        assert report["phase"] == "not-started" and report["lease"]["live"] is False, body
+        assert "malformed" in report["lease"]["holder"] or body.startswith(b'{"holder": "x", "heartbeat": NaN')

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from job.errors import ConfigError
+from job.logs import shorten
 
 DTYPES = ("bfloat16", "float16", "float32")
 FORMATS = ("auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt")
@@ -32,14 +33,16 @@ class RunConfig:
     scratch: str = "scratch"
     """Local working directory for pulled inputs, caches and checkpoints (a fast volume; ~250 GiB for 7B)."""
     lease_ttl_seconds: float = 60.0
-    """Writer lease lifetime; renewed every third of it. A replacement pod waits at most this plus half."""
+    """Writer lease lifetime: renewed every third of it; the holder stops writing (exit 75) 0.8 of it after
+    its last proven renewal. A new pod takes a dead holder's lease after watching it unchanged for this plus
+    half, by its own clock (no host's clock is trusted)."""
     max_shard_size: str = "5GB"
     """Largest safetensors shard in `final/` (transformers v5 would default to 50GB)."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.name):
             raise ConfigError(
-                f"run.name {self.name!r} is not a valid run name",
+                f"run.name {shorten(repr(self.name))} is not a valid run name",
                 hint="use letters, digits, '.', '_' or '-' (it becomes a directory and an S3 prefix)",
             )
         _require_nonempty("run.output", self.output)
@@ -111,9 +114,11 @@ class DataConfig:
         if self.max_length < 8:
             raise ConfigError(f"data.max_length must be at least 8, got {self.max_length}")
         if self.format not in FORMATS:
-            raise ConfigError(f"data.format {self.format!r} is not one of {', '.join(FORMATS)}")
+            raise ConfigError(f"data.format {shorten(repr(self.format))} is not one of {', '.join(FORMATS)}")
         if self.truncation not in TRUNCATION_MODES:
-            raise ConfigError(f"data.truncation {self.truncation!r} is not one of {', '.join(TRUNCATION_MODES)}")
+            raise ConfigError(
+                f"data.truncation {shorten(repr(self.truncation))} is not one of {', '.join(TRUNCATION_MODES)}"
+            )
         if self.max_invalid < 0:
             raise ConfigError(f"data.max_invalid must not be negative, got {self.max_invalid}")
         if self.num_proc < 0:
@@ -243,7 +248,7 @@ class StorageConfig:
             raise ConfigError("storage.progress_interval_seconds must be positive")
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
             raise ConfigError(
-                f"storage.endpoint_url {self.endpoint_url!r} is not an http(s) URL",
+                f"storage.endpoint_url {shorten(repr(self.endpoint_url))} is not an http(s) URL",
                 hint="e.g. http://minio.storage.svc:9000",
             )
 
@@ -275,7 +280,8 @@ class DistributedConfig:
             )
         if self.rdzv_endpoint and not re.fullmatch(r"[A-Za-z0-9.\-_\[\]:]+:\d+", self.rdzv_endpoint):
             raise ConfigError(
-                f"distributed.rdzv_endpoint {self.rdzv_endpoint!r} is not host:port", hint="e.g. 10.0.0.5:29400"
+                f"distributed.rdzv_endpoint {shorten(repr(self.rdzv_endpoint))} is not host:port",
+                hint="e.g. 10.0.0.5:29400",
             )
 
     @property

@@ -17,7 +17,7 @@ from typing import Any
 
 from job.config.convert import load_yaml
 from job.durability.checkpoints import checkpoint_prefix, stored_checkpoints
-from job.durability.lease import LEASE_KEY, LeaseRecord
+from job.durability.lease import LEASE_KEY, LeaseRecord, read_record
 from job.errors import InputNotFound
 from job.logs import sanitize, shorten
 from job.publish.export import FINAL_PREFIX
@@ -52,7 +52,8 @@ def run_status(store: Store, now: float | None = None) -> dict[str, Any]:
         manifest = store.read_manifest(checkpoint_prefix(step))
         if manifest is not None:
             checkpoints.append({"step": step, "time": manifest.created, "bytes": manifest.total_bytes})
-    live = lease is not None and lease.expires > now
+    # By the holder's clock against ours: a hint for people (the job itself never decides on wall clocks).
+    live = lease is not None and not lease.is_released and lease.expires > now
     if final is not None:
         phase = "finished"
     elif live:
@@ -127,7 +128,10 @@ def _read_json(store: Store, key: str) -> Any:
 
 
 def _read_lease(store: Store) -> LeaseRecord | None:
-    return LeaseRecord.parse(store.read_bytes(LEASE_KEY)) if store.exists(LEASE_KEY) else None
+    """The lease record; a malformed one reads as released (a new start takes it after one watch)."""
+    if not store.exists(LEASE_KEY):
+        return None
+    return read_record(store.read_bytes(LEASE_KEY)) or LeaseRecord("(malformed lease.json)", 0.0, 0.0, True)
 
 
 def render_status(status: dict[str, Any]) -> str:
@@ -146,7 +150,7 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"  checkpoint step {ckpt['step']:>7}  {stamp}  {ckpt['bytes'] / 2**30:.2f} GiB")
     if status["lease"]:
         lease = status["lease"]
-        state = f"live, expires in {lease['expires_in_seconds']:.0f} s" if lease["live"] else "expired"
+        state = f"live, expires in {lease['expires_in_seconds']:.0f} s by its clock" if lease["live"] else "expired"
         lines.append(f"lease:     {lease['holder']} ({state})")
     if status["final"]:
         lines.append(f"final:     {status['final']['files']} files, {status['final']['bytes'] / 2**30:.2f} GiB")
