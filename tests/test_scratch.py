@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +149,28 @@ def test_scratch_too_small_from_the_start_is_74_before_training(tmp_path: Path, 
         failure = result.events("job_failed")[-1]
         assert failure["error_type"] == "ScratchFull" and "3 checkpoints" in failure["error"]
         assert not result.events("model_loaded")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offset", ["+2h", "-2h"])
+def test_the_sweep_measures_ages_by_the_filesystems_clock_not_ours(tmp_path: Path, offset: str) -> None:
+    """Our clock hours off the one that stamps the files (an NFS server's, say): a fresh partial of another
+    writer stays, a stale one of a gone writer still goes."""
+    lib = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+    if not lib.is_file():
+        pytest.skip("libfaketime is not installed (apt-get install faketime; .ci/run installs it)")
+    fresh = tmp_path / "cache" / f".fresh.partial-{2**22 + 1}"
+    fresh.mkdir(parents=True)
+    stale = tmp_path / "cache" / f".stale.partial-{2**22 + 2}"
+    stale.mkdir()
+    old = time.time() - STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SFT_")}
+    env.update(LD_PRELOAD=str(lib), FAKETIME=offset, NO_FAKE_STAT="1", PYTHONDONTWRITEBYTECODE="1")
+    code = "import sys; from pathlib import Path; from job.durability.scratch import sweep_partials\n"
+    code += "sweep_partials(Path(sys.argv[1]))"
+    swept = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert swept.returncode == 0, swept.stderr[-2000:]
+    assert fresh.exists() and not stale.exists()

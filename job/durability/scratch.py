@@ -4,7 +4,8 @@ Every writer in the job writes through a `<name>.partial-<pid>` sibling and rena
 so a crash (or a full disk) leaves only such names behind. `sweep_partials` removes them at the
 next start once their writer is gone: untouched for minutes and its pid not alive here (or ours:
 a restarted container reuses pids), or untouched for an hour (another pod sharing a hostPath
-scratch has its own pid namespace, so a pid alive here proves nothing about it).
+scratch has its own pid namespace, so a pid alive here proves nothing about it). Ages are measured
+by the clock that stamps the files (a probe file's mtime), not ours: an NFS server's may differ.
 `scratch_full` recognises a full disk in whatever a library raised (torch's writer says only
 "unexpected pos"), and names the path, the free and the needed bytes.
 """
@@ -38,7 +39,7 @@ def sweep_partials(root: Path, *, now: float | None = None) -> int:
     """Remove `*.partial-<pid>` files and folders under `root` whose writer is gone; returns how many."""
     if not root.is_dir():
         return 0
-    now = time.time() if now is None else now
+    now = _filesystem_now(root) if now is None else now
     removed = 0
     for path in sorted(root.rglob("*.partial-*"), key=lambda p: len(p.parts)):
         match = _PARTIAL.search(path.name)
@@ -135,6 +136,18 @@ def _free_bytes(path: Path) -> int | None:
         except OSError:
             continue
     return None
+
+
+def _filesystem_now(root: Path) -> float:
+    """Now by the clock that stamps mtimes under `root` (an NFS server's may differ from ours)."""
+    probe = root / f".clock-probe-{os.getpid()}"
+    try:
+        probe.touch()
+        return probe.stat().st_mtime
+    except OSError:
+        return time.time()
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _newest_mtime(path: Path) -> float:
