@@ -178,3 +178,36 @@ def test_loss_head_tiles_are_the_installed_trls() -> None:
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
     assert (planner.HEAD_TOKEN_TILE, planner.HEAD_VOCAB_TILE) == (TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"num_hidden_layers": 10**7}, "num_hidden_layers=10000000"),  # would build 10^7 meta layers for hours
+        ({"hidden_size": -5}, "hidden_size=-5"),
+        ({"vocab_size": 2.5}, "vocab_size"),
+        ({"num_attention_heads": True}, "num_attention_heads"),
+        ({"model_type": None}, "model_type"),
+        (None, "not valid JSON"),
+    ],
+)
+def test_a_hostile_or_broken_config_json_is_a_config_error_at_once(
+    tmp_path: Path, tiny_model_dir: Path, change: dict | None, needle: str
+) -> None:
+    import time
+
+    from job.config.load import load_config
+    from job.errors import ConfigError
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    if change is None:
+        (model_dir / "config.json").write_text(json.dumps(config)[:-20])
+    else:
+        (model_dir / "config.json").write_text(json.dumps({**config, **change}))
+    job_config = load_config(None, [f"model.source={model_dir}", "data.train=x.jsonl"], environ={})
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        planner.plan_job(job_config)
+    assert time.monotonic() - started < 30

@@ -110,6 +110,16 @@ def _map_hub_error(exc: BaseException, source: ModelSource) -> Exception | None:
             f"model {where}: this transformers cannot build its architecture ({_first_line(text)})",
             hint="check config.json's model_type, or use an image with a newer transformers",
         )
+    if "Validation error for field" in text or type(exc).__name__ == "StrictDataclassFieldValidationError":
+        return ConfigError(
+            f"model {where}: config.json has a value of the wrong type ({_first_line(text)})",
+            hint="repair the model directory's config.json or point model.source elsewhere",
+        )
+    if "not a valid JSON file" in text:
+        return ConfigError(
+            f"model {where}: a configuration file is not valid JSON ({_first_line(text)})",
+            hint="repair the model directory (config.json, tokenizer_config.json) or point model.source elsewhere",
+        )
     if "backend tokenizer" in text or "Can't load tokenizer" in text:
         return InputNotFound(
             f"model {where} has no usable tokenizer (tokenizer.json or tokenizer.model)",

@@ -18,7 +18,7 @@ import torch
 
 from job.config.schema import JobConfig, scratch_dir
 from job.errors import ConfigError
-from job.logs import get_logger
+from job.logs import get_logger, shorten
 from job.optim.adamw import CHUNK, DEFAULT_OPTIMIZER, KNOWN_STATE_MODELS, OUR_OPTIMIZERS, optimizer_state_bytes
 from job.plan import flops
 
@@ -89,19 +89,36 @@ def load_model_config(source: Any, *, trust_remote_code: bool = False) -> Any:
     if isinstance(source, PretrainedConfig):
         return source
     if isinstance(source, (str, Path)) and Path(source).is_file():
-        source = json.loads(Path(source).read_text())
+        source = _parse_config_json(Path(source).read_bytes(), str(source))
     if isinstance(source, Mapping):
         values = dict(source)
         return AutoConfig.for_model(values.pop("model_type"), **values)
     return AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
 
 
+def _parse_config_json(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        values = json.loads(data)
+    except ValueError as exc:
+        raise ConfigError(f"the model's config.json at {where} is not valid JSON: {shorten(str(exc))}") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        raise ConfigError(f"the model's config.json at {where} is not an object with a model_type")
+    return values
+
+
 def model_shape(config: Any) -> ModelShape:
     """Count the parameters of `config`'s causal LM on the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    check_dimensions(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            f"the model's config.json describes no buildable model: {shorten(str(exc))}",
+            hint="check the model directory's config.json (or model.source)",
+        ) from None
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embedding
@@ -118,6 +135,32 @@ def model_shape(config: Any) -> ModelShape:
         vocab=int(text.vocab_size),
         attention_width=shape.attention_width,
     )
+
+
+DIMENSION_LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 65_536,
+    "intermediate_size": 1_048_576,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "vocab_size": 4_194_304,
+}
+"""Far above any released model's; a config.json beyond them is hostile or broken, and building even its
+meta-device skeleton would take hours (10^7 layers) before any real check could run."""
+
+
+def check_dimensions(config: Any) -> None:
+    """ConfigError (64) naming the field when a dimension is not a positive integer within DIMENSION_LIMITS."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name, limit in DIMENSION_LIMITS.items():
+        value = getattr(text, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise ConfigError(
+                f"the model's config.json has {name}={shorten(repr(value), 60)}: not a positive integer up to {limit}",
+                hint="check the model directory's config.json (or model.source)",
+            )
 
 
 def activation_bytes(shape: ModelShape, tokens: int, act: int, checkpointing: bool) -> int:
@@ -363,7 +406,7 @@ def model_config_source(config: JobConfig) -> Any:
 
     source = config.model.source
     if is_remote(source):
-        return json.loads(open_store(source.rstrip("/"), config.storage).read_bytes("config.json"))
+        return _parse_config_json(open_store(source.rstrip("/"), config.storage).read_bytes("config.json"), source)
     # builtin: built once; local: checked; Hub id: AutoConfig downloads config.json alone
     return resolve_source(config.model, scratch_dir(config), config.storage).location
 
