@@ -15,14 +15,13 @@ from structlog.testing import capture_logs
 
 from job.durability.checkpoints import (
     CheckpointUploader,
-    check_scratch_space,
     checkpoint_prefix,
     clean_leftovers,
     prepare_resume,
     stored_checkpoints,
 )
 from job.durability.lease import Lease
-from job.errors import AccessDenied, ConfigError, DataError, InputNotFound, LeaseLost
+from job.errors import AccessDenied, DataError, InputNotFound, LeaseLost
 from job.storage import LocalStore, open_store, s3_client
 from job.storage.manifest import MANIFEST_NAME
 from s3_fixtures import aws_env
@@ -91,13 +90,6 @@ def test_clean_leftovers_removes_uncommitted_prefixes_and_local_folders(store, t
     committed, keys = stored_checkpoints(store)
     assert committed == [4] and set(keys) == {4}
     assert not list((tmp_path / "trainer").iterdir())
-
-
-def test_scratch_space_check_names_the_size_needed(tmp_path) -> None:
-    check_scratch_space(tmp_path, checkpoint_bytes=1024, model_bytes_to_pull=0)
-    with pytest.raises(ConfigError) as info:
-        check_scratch_space(tmp_path, checkpoint_bytes=2**60, model_bytes_to_pull=0)
-    assert "needs about" in str(info.value) and "GiB" in str(info.value) and info.value.exit_code == 64
 
 
 def test_nodes_upload_their_parts_and_node_0_commits_once_all_are_durable(store, tmp_path) -> None:

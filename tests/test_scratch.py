@@ -18,7 +18,13 @@ import pytest
 import torch
 
 from conftest import JobProcess, cpu_run_args, run_job
-from job.durability.scratch import ABANDONED_SECONDS, STALE_SECONDS, scratch_full, sweep_partials
+from job.durability.scratch import (
+    ABANDONED_SECONDS,
+    STALE_SECONDS,
+    check_free_space,
+    scratch_full,
+    sweep_partials,
+)
 from job.errors import ScratchFull
 
 MiB = 2**20
@@ -81,6 +87,14 @@ def test_sweep_removes_only_what_a_gone_writer_left(tmp_path: Path) -> None:
     assert not abandoned.exists()
     assert fresh.exists() and live.exists() and kept_file.read_bytes() == b"committed"
     assert sweep_partials(tmp_path / "missing") == 0
+
+
+def test_the_space_check_names_free_and_needed_bytes(tmp_path: Path) -> None:
+    check_free_space(tmp_path, 1024, "3 checkpoints")
+    with pytest.raises(ScratchFull) as info:
+        check_free_space(tmp_path, 2**60, "3 checkpoints of 0.3 EiB")
+    assert info.value.exit_code == 74 and f"scratch {tmp_path} has" in str(info.value)
+    assert f"({2**60} bytes)" in str(info.value) and "3 checkpoints of 0.3 EiB" in str(info.value)
 
 
 def test_full_disk_errors_of_every_writer_are_recognised(tmp_path: Path) -> None:

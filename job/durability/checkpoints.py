@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job.durability import faults
-from job.errors import ConfigError, DataError, JobError
+from job.errors import DataError, JobError
 from job.logs import get_logger
 from job.storage import LocalStore, Store, join_key
 from job.storage.base import commit_manifest
@@ -109,21 +109,6 @@ def clean_leftovers(store: Store | None, local_dir: Path | None) -> None:
             log.warning("incomplete_uploads_aborted", count=aborted)
     for _, path in local_checkpoints(local_dir) if local_dir is not None else []:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def check_scratch_space(scratch: Path, checkpoint_bytes: int, model_bytes_to_pull: int) -> None:
-    """ConfigError (64) naming the size needed when scratch cannot hold three checkpoints and the model."""
-    need = 3 * checkpoint_bytes + model_bytes_to_pull
-    scratch.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(scratch).free
-    gib = 1024**3
-    log.info("scratch_space", path=str(scratch), free_gib=round(free / gib, 1), needed_gib=round(need / gib, 1))
-    if free < need:
-        raise ConfigError(
-            f"scratch {scratch} has {free / gib:.1f} GiB free; this run needs about {need / gib:.1f} GiB "
-            f"(3 checkpoints of {checkpoint_bytes / gib:.1f} GiB + model {model_bytes_to_pull / gib:.1f} GiB)",
-            hint="mount a larger scratch volume (run.scratch)",
-        )
 
 
 def unsafe_pickle(directory: Path) -> tuple[str, str] | None:
