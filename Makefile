@@ -31,8 +31,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two workers (pytest-xdist), one test file each at a time: the subprocess tests wait on signals, leases and
+# servers as much as they compute, so two overlap well even on 2 cores (measured: 14 min instead of 19).
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: lint
 	$(PY) -m pytest -m "not slow"
