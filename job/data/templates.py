@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from job.errors import ConfigError, InputNotFound
+from job.logs import shorten
 
 TEMPLATE_SUFFIXES = (".jinja", ".j2")
 FILE_PREFIX = "file:"
@@ -61,7 +62,7 @@ def read_configured_template(configured: str) -> str:
     if not names_a_file(configured):
         if "{" not in configured:
             raise ConfigError(
-                f"data.chat_template {configured[:200]!r} is neither a template file nor a Jinja template",
+                f"data.chat_template {shorten(repr(configured))} is neither a template file nor a Jinja template",
                 hint="name a file ending in .jinja or .j2 (or write file:PATH), or give the template text",
             )
         if len(configured.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE_BYTES:
