@@ -343,7 +343,7 @@ def test_a_misspelt_variable_is_refused_by_the_loader(tmp_path):
     minimal.write_text(yaml.safe_dump({"data": {"train": "s3://bucket/data/train.jsonl"}}))
     environ = {k: v for k, v in pod_env().items() if k.startswith("SFT_") and k != "SFT_CONFIG"}
     environ["SFT_DISTRIBUTED__NNODE"] = environ.pop("SFT_DISTRIBUTED__NNODES")
-    with pytest.raises(ConfigError, match="SFT_DISTRIBUTED__NNODE: .*did you mean SFT_DISTRIBUTED__NNODES"):
+    with pytest.raises(ConfigError, match=r"SFT_DISTRIBUTED__NNODE: .*did you mean SFT_DISTRIBUTED__NNODES"):
         config_mod.load_config(str(minimal), environ=environ)
 
 
