@@ -140,12 +140,17 @@ class Bucket:
         return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
 
 
+def fresh_bucket(endpoint: str) -> Bucket:
+    """A new, empty bucket on `endpoint` with a raw client for it."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    client = raw_client(endpoint)
+    client.create_bucket(Bucket=name)
+    return Bucket(name, endpoint, client)
+
+
 @pytest.fixture
 def s3_bucket(s3_env: str) -> Bucket:
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    client = raw_client(s3_env)
-    client.create_bucket(Bucket=name)
-    return Bucket(name, s3_env, client)
+    return fresh_bucket(s3_env)
 
 
 @pytest.fixture
@@ -252,10 +257,7 @@ def seaweedfs_env(seaweedfs_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_
 
 @pytest.fixture
 def seaweedfs_bucket(seaweedfs_env: str) -> Bucket:
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    client = raw_client(seaweedfs_env)
-    client.create_bucket(Bucket=name)
-    return Bucket(name, seaweedfs_env, client)
+    return fresh_bucket(seaweedfs_env)
 
 
 @pytest.fixture(params=["moto", "seaweedfs"])
