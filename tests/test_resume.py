@@ -76,11 +76,12 @@ def test_sigkill_at_every_phase_of_a_save_on_s3(reference_run, tiny_model_dir, t
     """Each start is killed at a different point of a checkpoint's life; each restart recovers by itself."""
     _, reference_dir = reference_run
     output = f"{s3_bucket.uri}/runs"
-    # A SIGKILLed start leaves its lease live until it lapses: the shortest TTL (3 s, renewed every second)
-    # has lapsed by the time the next start (seconds of imports) looks, so no restart waits.
+    # A SIGKILLed start leaves its lease behind: the next start takes it after watching it unchanged for a TTL
+    # and a half (12 s). 8 s, not the minimum 3: a holder on a loaded CI machine must still prove a renewal
+    # within 0.8 TTL, or it stops writing (exit 75), as it should.
     args = [
         *cpu_run_args(tmp_path, tiny_model_dir, "killed", *CHECKPOINTING),
-        *("--set", f"run.output={output}", "--set", "run.lease_ttl_seconds=3"),
+        *("--set", f"run.output={output}", "--set", "run.lease_ttl_seconds=8"),
     ]
     # (fault for this start, the checkpoint it must resume from)
     plan = [
@@ -164,7 +165,7 @@ def test_one_writer_per_run(tiny_model_dir, tmp_path) -> None:
     """A live holder keeps the run (the second process exits 69); a dead one's lease is taken over."""
     args = [
         *cpu_run_args(tmp_path, tiny_model_dir, "leased", *CHECKPOINTING),
-        "--set", "run.lease_ttl_seconds=3",
+        "--set", "run.lease_ttl_seconds=8",
         "--set", "train.max_steps=400",
     ]  # fmt: skip
     first = JobProcess(*args)
@@ -252,7 +253,7 @@ def test_store_outage_between_the_last_commit_and_the_final_manifest(
     args = [
         *cpu_run_args(tmp_path, tiny_model_dir, "outage", "--set", "checkpoint.every_steps=12"),
         *("--set", f"run.output={seaweedfs_bucket.uri}/runs", "--set", f"storage.endpoint_url={proxy.endpoint}"),
-        *("--set", "storage.max_attempts=2", "--set", "storage.connect_timeout=2", "--set", "run.lease_ttl_seconds=3"),
+        *("--set", "storage.max_attempts=2", "--set", "storage.connect_timeout=2", "--set", "run.lease_ttl_seconds=8"),
     ]
     try:
         failed = run_job(*args)
