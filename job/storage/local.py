@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,7 +65,8 @@ class LocalStore(Store):
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> str:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        # Unique per write, not per process: two threads of one process may write the same key at once.
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial-{os.getpid()}")
         temporary.write_bytes(data)
         if not if_absent:
             os.replace(temporary, path)
