@@ -72,7 +72,9 @@ def load_config(
                 raise ConfigError(f"{origin}: section '{section}' must be a mapping, got {type(values).__name__}")
             for key, value in values.items():
                 merged[section][_canonical_key(section, str(key), origin)] = value
-    return build_config(merged)
+    config = build_config(merged)
+    config.mark_given(frozenset(f"{section}.{key}" for section, values in merged.items() for key in values))
+    return config
 
 
 def build_config(raw: dict[str, dict[str, Any]]) -> JobConfig:

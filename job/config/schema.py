@@ -65,8 +65,12 @@ class ModelConfig:
     """Attention kernel (`sdpa`, `eager`, `flash_attention_2`); empty lets transformers choose."""
     tf32: bool | None = None
     """TF32 for fp32 matmuls on Ampere or newer GPUs; empty: on wherever the GPU has it (`job.train.fastpath`)."""
-    compile: bool = False
-    """`torch.compile` the model (Trainer's `torch_compile`): minutes of compilation first; GPU only."""
+    compile: bool | None = None
+    """Compile each decoder layer (regional `torch.compile`); empty: on with a CUDA GPU, off on CPU; true compiles
+    on CPU too. The compiler's cache is kept with the run (`cache/`), so a restart does not compile again."""
+    liger_kernels: bool = False
+    """Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (a CUDA GPU and the `liger` extra; the image has it).
+    Only with compile off: compiled layers fuse those operations already."""
 
     def __post_init__(self) -> None:
         _require_nonempty("model.source", self.source)
@@ -133,7 +137,9 @@ class TrainConfig:
     given under `train:` too; it is type-checked against SFTConfig and kept in `extra`."""
 
     per_device_train_batch_size: int = 2
-    """Examples per micro-batch."""
+    """Examples per micro-batch. When neither this nor `gradient_accumulation_steps` is set, the planner may split
+    the same examples per optimizer step (here 2 x 8 = 16) into another micro-batch x accumulation on a GPU, the
+    one it expects to run fastest within memory; a value you set is always kept."""
     gradient_accumulation_steps: int = 8
     """Micro-batches per optimizer step."""
     activation_checkpointing: bool = True
@@ -162,8 +168,9 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Further `trl.SFTConfig` fields, passed through as given (internal: write them directly under `train:`)."""
     activation_checkpointing_layers: str = "auto"
-    """Layers that recompute when `activation_checkpointing` is on: `auto` (the planner recomputes as few as fit
-    the GPU, none when all fit), `all`, or `every_N` (every N-th layer)."""
+    """Layers that recompute when `activation_checkpointing` is on: `auto` (the planner keeps as many layers'
+    activations as fit the GPU, all when they fit), `all`, `keep_N` (N layers keep their activations, the others
+    recompute), or `every_N` (every N-th layer recomputes)."""
 
     @property
     def fsdp(self) -> bool:
@@ -190,14 +197,19 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 500
     """Save a checkpoint every N optimizer steps."""
-    every_minutes: float = 30.0
-    """...and at least every M minutes of training, whichever comes first."""
+    every_minutes: float = 8.0
+    """...and at least every M minutes of training, whichever comes first. With the write and upload after it,
+    a preemption without warning loses at most about 10 minutes of work."""
     keep: int = 2
     """Committed checkpoints kept in the store; older ones are deleted after a newer one commits."""
     grace_seconds: float = 25.0
     """Seconds the job may spend after SIGTERM; keep it below what the platform really gives."""
     background_upload: bool = True
     """Upload checkpoints while training continues; false blocks training until each one is committed."""
+    async_save: bool = True
+    """Copy the training state to host memory (the only part that blocks training; pinned memory on a GPU, in
+    bounded chunks when host RAM is short) and write it to scratch in the background; false writes while
+    training waits."""
     delete_after_final: bool = True
     """Delete the run's checkpoints once the final model is committed."""
 
@@ -298,6 +310,13 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def is_set(self, key: str) -> bool:
+        """Whether `section.key` was given (file, environment or `--set`) rather than left at its default."""
+        return key in getattr(self, "_given", frozenset())
+
+    def mark_given(self, keys: frozenset[str]) -> None:
+        self._given = keys
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict in the file's shape: `train.extra` is folded back under `train:`."""
