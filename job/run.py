@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 import yaml
 
-from job.config.drift import config_drift
+from job.config.drift import config_drift, keep_recorded_split
 from job.config.load import redacted, to_yaml
 from job.config.schema import JobConfig, scratch_dir
 from job.data.prepare import Prepared, prepare
@@ -205,6 +205,9 @@ class TrainingRun:
         if self.store.stat(RESOLVED_CONFIG) is None:
             return  # nothing trained yet: a start that failed earlier (bad path, bad data) binds nothing
         recorded = yaml.safe_load(self.store.read_bytes(RESOLVED_CONFIG))
+        if kept := keep_recorded_split(self.config, recorded):  # another GPU could plan another split
+            log.info("batch_split_kept", **kept)
+            text = to_yaml(self.config)
         changes = config_drift(recorded, yaml.safe_load(text))
         if not changes:
             return

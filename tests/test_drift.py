@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from job.config.drift import config_drift
+from job.config.drift import config_drift, keep_recorded_split
 from job.config.load import load_config, to_yaml
 
 BASE = ["data.train=train.jsonl"]
@@ -63,3 +63,30 @@ def test_credentials_in_urls_are_compared_redacted_and_long_values_cut() -> None
     huge = "x" * 1_000_000
     [change] = config_drift(resolved(), resolved(f"data.chat_template={{{{ {huge} }}}}"))
     assert change.startswith("data.chat_template: None -> ") and len(change) < 1000
+
+
+def test_a_restart_keeps_the_batch_split_the_run_began_with_unless_the_user_set_one() -> None:
+    recorded = resolved("train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=16")
+    restart = load_config(None, BASE, environ={})
+    assert not restart.is_set("train.per_device_train_batch_size")
+    assert keep_recorded_split(restart, recorded) == {
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 16,
+    }
+    assert (restart.train.per_device_train_batch_size, restart.train.gradient_accumulation_steps) == (1, 16)
+    assert restart.is_set("train.gradient_accumulation_steps")  # so this start's planner keeps it too
+    assert config_drift(recorded, yaml.safe_load(to_yaml(restart))) == []
+
+    # A value the user sets is theirs: nothing adopted, and a change is drift as before.
+    explicit = load_config(None, [*BASE, "train.per_device_train_batch_size=4"], environ={})
+    assert keep_recorded_split(explicit, recorded) is None
+    assert "train.per_device_train_batch_size: 1 -> 4" in config_drift(recorded, yaml.safe_load(to_yaml(explicit)))
+
+    by_env = load_config(None, BASE, environ={"SFT_TRAIN__GRADIENT_ACCUMULATION_STEPS": "8"})
+    assert by_env.is_set("train.gradient_accumulation_steps")
+    assert keep_recorded_split(by_env, recorded) is None
+    for garbage in (None, [], {"train": "x"}, {"train": {"per_device_train_batch_size": 0}},
+                    {"train": {"per_device_train_batch_size": True, "gradient_accumulation_steps": 2}}):  # fmt: skip
+        fresh = load_config(None, BASE, environ={})
+        assert keep_recorded_split(fresh, garbage) is None
+        assert fresh.train.per_device_train_batch_size == 2

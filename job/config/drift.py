@@ -8,7 +8,10 @@ values a planner picks for the GPU at hand) is not drift.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from job.config.schema import JobConfig
 
 DEFINING = {
     "model": ("source", "revision", "dtype", "trust_remote_code"),
@@ -17,6 +20,26 @@ DEFINING = {
     "distributed": ("nproc_per_node", "nnodes"),  # the world size sets the global batch and the data order
 }
 MACHINE_DERIVED = {"train": ("dataloader_num_workers", "report_to", "logging_steps")}
+SPLIT_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+"""Micro-batch x accumulation: the planner may choose them for the GPU when the user set neither."""
+
+
+def keep_recorded_split(config: JobConfig, recorded: Any) -> dict[str, int] | None:
+    """A restart keeps the micro-batch x accumulation the run began with (the planner chose it for that start's
+    GPU; a restart on another card could choose another) unless the user set one; returns what it adopted.
+
+    Adopted values count as set, so this start's planner keeps them too.
+    """
+    train = recorded.get("train") if isinstance(recorded, dict) else None
+    if not isinstance(train, dict) or any(config.is_set(f"train.{key}") for key in SPLIT_KEYS):
+        return None
+    split = {key: train.get(key) for key in SPLIT_KEYS}
+    if not all(isinstance(value, int) and not isinstance(value, bool) and value >= 1 for value in split.values()):
+        return None
+    for key, value in split.items():
+        setattr(config.train, key, value)
+    config.mark_given(config.given | {f"train.{key}" for key in SPLIT_KEYS})
+    return split
 
 
 def config_drift(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -313,10 +313,15 @@ class JobConfig:
 
     def is_set(self, key: str) -> bool:
         """Whether `section.key` was given (file, environment or `--set`) rather than left at its default."""
-        return key in getattr(self, "_given", frozenset())
+        return key in self.given
+
+    @property
+    def given(self) -> frozenset[str]:
+        """Every `section.key` that was set rather than left at its default."""
+        return getattr(self, "_given", frozenset())
 
     def mark_given(self, keys: frozenset[str]) -> None:
-        self._given = keys
+        self._given = frozenset(keys)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict in the file's shape: `train.extra` is folded back under `train:`."""
