@@ -100,3 +100,85 @@ def test_step_records_take_trainers_grad_norm_and_lr_each_step(tmp_path: Path, t
     assert all(r.grad_norm > 0.05 for r in records.values())  # pre-clip: larger than the clipping threshold
     assert [r.learning_rate for r in metrics.steps][:3] == pytest.approx([0.0, 5e-4, 1e-3])  # warm-up, step by step
     assert all(r.tokens > 0 and r.loss > 0 for r in metrics.steps)
+
+
+# ---------------------------------------------------------------------------------------- async checkpoints
+
+
+def tiny_trainer(tmp_path: Path, model_dir: Path, *overrides: str, callbacks: list | None = None):
+    """A real JobTrainer on the tiny model (CPU, float32, the default optimizer), saving every 2 steps."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from job.model.load import ModelSource, load_tokenizer
+    from job.train.fastpath import choose_fast_path, detect_device
+    from job.train.trainer import build_trainer
+
+    config = load_config(
+        None,
+        [
+            *BASE,
+            "train.max_steps=4",
+            "train.per_device_train_batch_size=2",
+            "train.learning_rate=1e-3",
+            "checkpoint.every_steps=2",
+            *overrides,
+        ],
+        environ={},
+    )
+    torch.manual_seed(0)
+    rows = [list(range(5 + i, 5 + i + 12 + i % 5)) for i in range(16)]
+    dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": [[-100, *r[1:]] for r in rows]})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(ModelSource(str(model_dir), "local", None), config.model)
+    fast = choose_fast_path(config, detect_device("cpu"))
+    trainer, _ = build_trainer(
+        config, model, tokenizer, dataset, None, tmp_path / "trainer", fast, extra_callbacks=callbacks or []
+    )
+    return trainer
+
+
+def sha256s(directory: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("mode", ["full", "chunked"])
+def test_async_checkpoint_is_byte_identical_to_trainers_synchronous_save(
+    tmp_path: Path, tiny_model_dir: Path, mode: str
+) -> None:
+    """At step 2 the writer stages the state (or, chunked, writes it at once); right after, in the same on_save,
+    Trainer's own synchronous save writes the same state elsewhere. Every file must be equal byte for byte:
+    the weights, optimizer.pt (storage sharing kept), scheduler, RNG states, trainer state, config, tokenizer.
+    Only Trainer's pickled training_args.bin is absent (the job drops it from every checkpoint)."""
+    from transformers import TrainerCallback
+
+    from job.durability.staging import StagingPlan
+    from job.train.trainer import JobTrainer
+
+    sync_dir = tmp_path / "sync"
+
+    class TwinSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # as Trainer saves: should_save still set (on_save clears it first)
+                trainer._get_output_dir, control.should_save = (lambda trial: str(sync_dir)), True
+                super(JobTrainer, trainer)._save_checkpoint(trainer.model, None)
+                del trainer._get_output_dir
+                control.should_save = False
+
+    trainer = tiny_trainer(tmp_path, tiny_model_dir, callbacks=[TwinSave()])
+    writer = trainer.checkpoint_writer
+    assert writer is not None
+    if mode == "chunked":
+        writer.plan = StagingPlan("chunked", 2**30, 2**30, 0.0, "forced by the test")
+    trainer.train()
+    assert writer.plan.mode == mode
+    assert (writer.staged_step == 4) is (mode == "full")
+    ours, theirs = sha256s(tmp_path / "trainer" / "checkpoint-2"), sha256s(sync_dir / "checkpoint-2")
+    assert set(theirs) - set(ours) == {"training_args.bin"}
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(ours)
+    different = [name for name in ours if ours[name] != theirs[name]]
+    assert not different, f"differ from Trainer's synchronous save: {different}"
+    assert not list((tmp_path / "trainer").glob("*.partial-*"))

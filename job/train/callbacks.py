@@ -27,6 +27,7 @@ from job.durability.checkpoints import CheckpointUploader
 from job.durability.preemption import PreemptionHandler
 from job.errors import LeaseLost, TrainingFailed
 from job.logs import get_logger
+from job.train.async_save import CheckpointWriter, Written
 
 log = get_logger(__name__)
 
@@ -227,7 +228,16 @@ class CheckpointCallback(TrainerCallback):
         self.group = group or Group.single()
         self.preemption = preemption
         self.lease_lost = lease_lost
+        self.writer: CheckpointWriter | None = None
+        """The background writer (`checkpoint.async_save`, one process): it hands written folders to us."""
         self._last_save = self._step_started = self._save_started = time.monotonic()
+
+    def attach_writer(self, writer: CheckpointWriter) -> None:
+        """Written checkpoints come back through `_written` (writer thread); after a signal, the end of training
+        waits for the write in flight only while the grace budget lasts."""
+        self.writer = writer
+        writer.on_written = self._written
+        writer.drain_budget = lambda: self.preemption.remaining() if self.preemption.requested else None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._last_save = time.monotonic()
@@ -236,6 +246,8 @@ class CheckpointCallback(TrainerCallback):
         self._step_started = time.monotonic()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.writer is not None:
+            self.writer.raise_if_failed()  # a failed background write stops here, with its class
         faults.maybe_terminate(state.global_step)
         now = time.monotonic()
         self.preemption.measured.step_seconds = now - self._step_started
@@ -264,8 +276,20 @@ class CheckpointCallback(TrainerCallback):
             self._save_started = now
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self.preemption.measured.save_seconds = time.monotonic() - self._save_started
         step = state.global_step
+        if self.writer is not None and self.writer.staged_step == step:
+            # Staged in host memory: the writer checks, writes and hands it over (`_written`); training goes on.
+            self._last_save = time.monotonic()
+            log.info(
+                "checkpoint_saved_locally",
+                step=step,
+                blocked_seconds=round(self._last_save - self._save_started, 3),
+                waited_for_previous_write_seconds=round(self.writer.waited_seconds, 3),
+                async_save=True,
+                background_upload=self.background,
+            )
+            return
+        self.preemption.measured.save_seconds = time.monotonic() - self._save_started
         path = Path(args.output_dir) / f"checkpoint-{step}"
         finite = model is None or all(bool(torch.isfinite(_local(p)).all()) for p in model.parameters())
         if self.group.sum([not finite])[0]:  # every rank checks its own shard; all of them stop
@@ -286,8 +310,17 @@ class CheckpointCallback(TrainerCallback):
             step=step,
             save_seconds=round(self.preemption.measured.save_seconds, 3),
             blocked_seconds=round(self._last_save - self._save_started, 3),
+            async_save=False,
             background_upload=self.background,
         )
+
+    def _written(self, written: Written) -> None:
+        """Writer thread: `checkpoint-N` is complete on scratch. What a save on SIGTERM costs is the staging plus
+        the write (the upload is measured by the uploader); then the folder goes to the uploader."""
+        self.preemption.measured.save_seconds = written.snapshot_seconds + written.write_seconds
+        faults.maybe_kill("after_local_save", written.step)
+        if self.uploader is not None:
+            self.uploader.submit(written.step, written.path)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

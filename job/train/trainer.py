@@ -22,9 +22,13 @@ from job.data.masking import IGNORE_INDEX
 from job.dist.group import Group
 from job.durability import faults
 from job.errors import ConfigError
+from job.logs import get_logger
 from job.optim.adamw import is_ours, trainer_optimizer
-from job.train.callbacks import FlopsBudget, StepMetrics, StepRecord
+from job.train.async_save import CheckpointWriter, sync_reason
+from job.train.callbacks import CheckpointCallback, FlopsBudget, StepMetrics, StepRecord
 from job.train.fastpath import FastPath, choose_fast_path, detect_device
+
+log = get_logger(__name__)
 
 
 def _fsdp_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +124,8 @@ def build_sft_config(
 
 
 class JobTrainer(SFTTrainer):
-    """SFTTrainer that totals each optimizer step's loss, trained tokens and gradient norm.
+    """SFTTrainer that totals each optimizer step's loss, trained tokens and gradient norm, and saves
+    checkpoints through a `CheckpointWriter` (staged in host memory, written in the background) when it has one.
 
     The totals stay on the device until the step ends (`take_step_totals`): one host sync per
     optimizer step, none per micro-batch.
@@ -131,6 +136,28 @@ class JobTrainer(SFTTrainer):
         self._step_loss: torch.Tensor | None = None
         self._step_tokens: torch.Tensor | None = None
         self._step_grad_norm: torch.Tensor | float | None = None
+        self.checkpoint_writer: CheckpointWriter | None = None
+        """Set by `build_trainer` when checkpoints may be written asynchronously (`checkpoint.async_save`)."""
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Trainer's train; then the write in flight is drained (within the preemption budget after a signal),
+        so the last checkpoint reaches the uploader before the run publishes or exits."""
+        writer = self.checkpoint_writer
+        if writer is None:
+            return super().train(*args, **kwargs)
+        try:
+            result = super().train(*args, **kwargs)
+        except BaseException:
+            writer.drain()  # the last good checkpoint stays on its way to the store
+            raise
+        writer.drain()
+        writer.raise_if_failed()
+        writer.release()  # the staging buffers' host RAM goes back before publishing
+        return result
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self.checkpoint_writer is None or self.checkpoint_writer.save(self, trial) == "sync":
+            super()._save_checkpoint(model, trial)
 
     def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         result = super().compute_loss(model, inputs, *args, **kwargs)
@@ -224,4 +251,25 @@ def build_trainer(
     metrics.trainer = trainer
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    trainer.checkpoint_writer = checkpoint_writer(config, trainer)
+    if trainer.checkpoint_writer is not None:
+        for callback in extra_callbacks:
+            if isinstance(callback, CheckpointCallback):
+                callback.attach_writer(trainer.checkpoint_writer)
     return trainer, metrics
+
+
+def checkpoint_writer(config: JobConfig, trainer: JobTrainer) -> CheckpointWriter | None:
+    """The background checkpoint writer (`checkpoint.async_save`), or None where Trainer's synchronous save
+    is used (said once in the log): several ranks or FSDP, or training waits for each commit anyway."""
+    if not config.checkpoint.async_save:
+        reason = "checkpoint.async_save is false"
+    elif not config.checkpoint.background_upload:
+        reason = "checkpoint.background_upload is false: training waits for each commit anyway"
+    else:
+        reason = sync_reason(trainer)
+    if reason is not None:
+        log.info("checkpoint_async_save", enabled=False, reason=reason)
+        return None
+    log.info("checkpoint_async_save", enabled=True, device=trainer.args.device.type)
+    return CheckpointWriter(trainer.args.device.type)
