@@ -86,10 +86,13 @@ def test_clean_leftovers_removes_uncommitted_prefixes_and_local_folders(store, t
         fake_checkpoint(tmp_path / "partial", 12) / "optimizer.pt", f"{checkpoint_prefix(12)}/optimizer.pt"
     )
     fake_checkpoint(tmp_path / "trainer", 9)
+    killed_write = fake_checkpoint(tmp_path / "trainer", 10)  # a background write SIGKILLed mid-way
+    killed_write.rename(killed_write.with_name("checkpoint-10.partial-4242"))
+    (tmp_path / "trainer" / "README.md").write_text("not a checkpoint")
     clean_leftovers(store, tmp_path / "trainer")
     committed, keys = stored_checkpoints(store)
     assert committed == [4] and set(keys) == {4}
-    assert not list((tmp_path / "trainer").iterdir())
+    assert [p.name for p in (tmp_path / "trainer").iterdir()] == ["README.md"]
 
 
 def test_nodes_upload_their_parts_and_node_0_commits_once_all_are_durable(store, tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,66 @@ def test_async_checkpoint_is_byte_identical_to_trainers_synchronous_save(
     different = [name for name in ours if ours[name] != theirs[name]]
     assert not different, f"differ from Trainer's synchronous save: {different}"
     assert not list((tmp_path / "trainer").glob("*.partial-*"))
+
+
+def test_training_goes_on_while_the_write_runs_and_writes_the_steps_weights(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The writer is held before writing checkpoint 2 while step 3 trains; the folder appears only whole, with
+    step 2's weights (not step 3's); the save due at step 4 waits for that write (counted as blocked time)."""
+    import threading
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    release = threading.Event()
+    seen: dict[str, object] = {}
+    trainer_dir = tmp_path / "trainer"
+
+    class Watch(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                seen["step 2"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if state.global_step == 4:
+                seen["waited"] = trainer.checkpoint_writer.waited_seconds
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:  # step 3 trained while checkpoint 2 is still unwritten
+                seen["at step 3"] = sorted(p.name for p in trainer_dir.iterdir() if p.name.startswith("checkpoint"))
+                seen["step 3"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if state.global_step == 4:  # a save is due now; the write of 2 goes on for a second more
+                threading.Timer(1.0, release.set).start()
+
+    trainer = tiny_trainer(tmp_path, tiny_model_dir, callbacks=[Watch()])
+    trainer.checkpoint_writer.before_write = lambda step: step != 2 or release.wait(60)
+    trainer.train()
+    assert seen["at step 3"] == [f"checkpoint-2.partial-{os.getpid()}"]  # never a half-written checkpoint-2
+    assert seen["waited"] >= 0.5  # the save at step 4 waited for checkpoint 2's write
+    written = load_file(trainer_dir / "checkpoint-2" / "model.safetensors")
+    step2, step3 = seen["step 2"], seen["step 3"]
+    assert all(torch.equal(written[k], step2[k]) for k in written)
+    assert not all(torch.equal(written[k], step3[k]) for k in written)  # later steps did change the weights
+
+
+def test_a_failed_background_write_surfaces_with_its_class_and_leaves_no_folder(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from job.durability.preemption import Measurements, PreemptionHandler
+    from job.errors import ScratchFull
+    from job.train.callbacks import CheckpointCallback
+
+    def full_disk(step: int) -> None:
+        raise ScratchFull(f"scratch disk full writing checkpoint {step}")
+
+    preemption = PreemptionHandler(25.0, Measurements())
+    checkpoints = CheckpointCallback(60.0, True, None, preemption, lambda: False)
+    trainer = tiny_trainer(tmp_path, tiny_model_dir, callbacks=[checkpoints])
+    assert checkpoints.writer is trainer.checkpoint_writer
+    trainer.checkpoint_writer.before_write = full_disk
+    with pytest.raises(ScratchFull, match="background write of checkpoint step 2 failed: scratch disk full") as info:
+        trainer.train()
+    assert info.value.exit_code == 74
+    assert trainer.state.global_step < 4  # surfaced at a step's end, before training finished
+    assert not [p.name for p in (tmp_path / "trainer").iterdir() if p.name.startswith("checkpoint")]
+    assert preemption.measured.save_seconds is None  # a failed write measures nothing

@@ -1,7 +1,8 @@
 """Checkpoints: local save, background upload, manifest commit, retention, restore.
 
-The trainer saves `checkpoint-<step>` to local scratch (the only time training is
-blocked); a single background thread uploads it to `checkpoints/checkpoint-<step>/`
+The trainer saves `checkpoint-<step>` to local scratch (or, with `checkpoint.async_save`,
+stages it in host memory and a writer thread renames a complete `.partial-<pid>` folder
+into place); a single background thread uploads it to `checkpoints/checkpoint-<step>/`
 and commits it with `MANIFEST.json` last. The files are complete on disk before
 the upload starts, so what is uploaded is that step's state byte for byte. After
 a commit, older checkpoints beyond `checkpoint.keep` are deleted (manifest first,
@@ -52,6 +53,7 @@ CHECKPOINTS_PREFIX = "checkpoints"
 PARTS_DIR = ".parts"
 _PART_POLL_SECONDS = 1.0
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_PARTIAL_NAME = re.compile(r"^checkpoint-\d+\.partial-\d+$")
 PICKLED_SUFFIXES = (".pt", ".pth", ".bin")
 NOT_LOADED_ON_RESUME = {"training_args.bin"}
 
@@ -109,6 +111,11 @@ def clean_leftovers(store: Store | None, local_dir: Path | None) -> None:
             log.warning("incomplete_uploads_aborted", count=aborted)
     for _, path in local_checkpoints(local_dir) if local_dir is not None else []:
         shutil.rmtree(path, ignore_errors=True)
+    # A background write killed mid-way (async_save): this run's lease is ours, so its writer is gone.
+    for path in local_dir.glob("checkpoint-*.partial-*") if local_dir is not None and local_dir.is_dir() else []:
+        if _PARTIAL_NAME.match(path.name):
+            log.warning("partial_checkpoint_removed", path=str(path))
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def unsafe_pickle(directory: Path) -> tuple[str, str] | None:
