@@ -102,3 +102,29 @@ def test_first_commit_reports_what_a_save_on_sigterm_needs_and_warns_when_it_can
         PreemptionHandler(needed - 0.5, measured).check_budget(upload_seconds=10.0)
     assert [line["event"] for line in tight] == ["checkpoint_timing", "checkpoint_slower_than_grace_budget"]
     assert tight[1]["fix"].startswith(f"checkpoint.grace_seconds >= {needed:.0f}")
+
+
+def test_an_async_saves_cost_is_staging_plus_write_and_the_written_folder_goes_to_the_uploader(tmp_path) -> None:
+    """With checkpoint.async_save the blocked part is only the staging: what a save on SIGTERM really costs
+    (until its folder is complete) is staging + background write, set when the writer hands the folder over."""
+    from job.durability.checkpoints import CheckpointUploader, stored_checkpoints
+    from job.storage import open_store
+    from job.train.async_save import Written
+    from job.train.callbacks import CheckpointCallback
+
+    store = open_store(str(tmp_path / "store"))
+    uploader = CheckpointUploader(store, keep=2)
+    h = PreemptionHandler(25.0, Measurements(step_seconds=1.0, upload_seconds=2.0))
+    callback = CheckpointCallback(8.0, True, uploader, h, lambda: False)
+    folder = tmp_path / "trainer" / "checkpoint-4"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"w" * 64)
+    assert h.save_cost(include_step=True) is None  # staged but not yet written: no measured save
+    callback._written(Written(step=4, path=folder, snapshot_seconds=0.25, write_seconds=3.0, bytes=64))
+    assert h.measured.save_seconds == pytest.approx(3.25)
+    assert h.save_cost(include_step=True) == pytest.approx(1.0 + 3.25 + 2.0)
+    assert uploader.wait(30) and stored_checkpoints(store)[0] == [4]
+    for grace, fits in ((5.0, False), (10.0, True)):  # 3.25 + 2.0 against grace - 1 s kept back
+        signalled = PreemptionHandler(grace, h.measured)
+        signalled.signal_time = time.monotonic()
+        assert signalled.save_fits(signalled.save_cost(include_step=False)) is fits

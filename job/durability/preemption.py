@@ -41,7 +41,8 @@ class Measurements:
     step_seconds: float | None = None
     """The latest optimizer step's wall time."""
     save_seconds: float | None = None
-    """The latest local checkpoint save's wall time."""
+    """The latest local checkpoint save's wall time until its folder is complete on scratch: with
+    `checkpoint.async_save`, the staging in host memory plus the background write (set once written)."""
     upload_seconds: float | None = None
     """The latest checkpoint upload's wall time (files and manifest)."""
 
