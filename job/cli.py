@@ -139,13 +139,24 @@ def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool)
     "--gpu-memory-gib", type=float, help="GPU memory to plan for (default: detected, else 95.59 = 96 GB card)."
 )
 @click.option("--with-data", is_flag=True, help="Also tokenize the data for a time estimate (as validate does).")
+@click.option(
+    "--host-memory-gib",
+    type=float,
+    help="Host RAM to plan checkpoint staging for (default: the pod's limit, detected).",
+)
 def plan(
-    config_path: str | None, overrides: tuple[str, ...], as_json: bool, gpu_memory_gib: float | None, with_data: bool
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    as_json: bool,
+    gpu_memory_gib: float | None,
+    with_data: bool,
+    host_memory_gib: float | None,
 ) -> int:
-    """Memory and time estimate for the GPU, from the model's config.json alone (no weights loaded)."""
+    """Memory, layers kept, batch split, time and checkpoint staging for the GPU, from config.json (no weights)."""
 
     def action(config: JobConfig) -> int:
-        from job.plan.memory import plan_job, render_plan
+        from job.plan.memory import plan_job
+        from job.plan.render import render_plan
 
         tokens = None
         if with_data:
@@ -153,7 +164,8 @@ def plan(
 
             tokens = prepare(config).train.tokens
         memory = int(gpu_memory_gib * 2**30) if gpu_memory_gib else None
-        result = plan_job(config, gpu_memory_bytes=memory, dataset_tokens=tokens)
+        host = int(host_memory_gib * 2**30) if host_memory_gib else None
+        result = plan_job(config, gpu_memory_bytes=memory, dataset_tokens=tokens, host_memory_bytes=host)
         click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_plan(result))
         return 0
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from job.config.load import build_config
+from job.config.load import build_config, load_config
 from job.config.schema import JobConfig
 from job.errors import ConfigError
 from job.train import fastpath
@@ -117,47 +117,71 @@ def test_padding_free_follows_packing_and_the_kernel() -> None:
     assert masked.padding_free and "block-diagonal mask" in masked.reasons["padding_free"]
 
 
-def test_compile_only_on_request_and_on_a_gpu() -> None:
-    assert choose(H100).compile is False
-    assert choose(H100, compile=True).compile is True
-    on_cpu = choose(CPU, compile=True)
+def test_compile_regional_by_default_on_a_gpu_and_only_on_request_on_cpu() -> None:
+    auto = choose(H100)
+    assert auto.compile is True and "each decoder layer" in auto.reasons["compile"]
+    assert choose(H100, compile=False).compile is False
+    on_cpu = choose(CPU)
     assert on_cpu.compile is False and "no CUDA device" in on_cpu.reasons["compile"]
-    assert choose(H100, compile=True).sft_kwargs()["torch_compile"] is True
+    assert choose(CPU, compile=True).compile is True  # compiles on CPU too (tests)
+    assert "torch_compile" not in choose(H100).sft_kwargs()  # not Trainer's whole-model compile
 
 
-# ---------------------------------------------------------------- activation checkpointing
+def test_liger_kernels_only_with_compile_off_on_a_gpu_with_the_package() -> None:
+    liger = {"liger-kernel": "0.6.2"}
+    fast = choose(H100, liger, compile=False, liger_kernels=True)
+    assert fast.liger_kernels and "0.6.2" in fast.reasons["liger_kernels"]
+    assert "use_liger_kernel" not in fast.sft_kwargs()  # applied to the loaded model, not by Trainer
+    with pytest.raises(ConfigError, match=r"liger kernels only with model\.compile false"):
+        choose(H100, liger, liger_kernels=True)  # compile auto is on with CUDA
+    with pytest.raises(ConfigError, match=r"liger kernels only with model\.compile false"):
+        choose(H100, liger, compile=True, liger_kernels=True)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        choose(CPU, liger, compile=False, liger_kernels=True)
+    with pytest.raises(ConfigError, match="liger-kernel package"):
+        choose(H100, compile=False, liger_kernels=True)
+    assert choose(H100).liger_kernels is False
 
 
-def budget(full_gib: float, none_gib: float, layers: int = 32, gpu: int = CARD) -> CheckpointBudget:
-    return CheckpointBudget(
-        layers=layers, gpu_bytes=gpu, full_bytes=int(full_gib * GiB), none_bytes=int(none_gib * GiB)
-    )
+# ---------------------------------------------------------------- layers kept, batch split
 
 
-def test_budget_interpolates_between_the_planner_ends() -> None:
-    b = budget(60, 100)
-    assert b.peak_bytes(1) == b.full_bytes
-    assert b.peak_bytes(0) == b.none_bytes
-    assert b.peak_bytes(32) == pytest.approx(b.none_bytes, rel=1e-9)  # one recomputed layer: L-1 kept
-    assert b.peak_bytes(1) < b.peak_bytes(2) < b.peak_bytes(4) < b.peak_bytes(32)
+def budget(full_gib: float, none_gib: float, layers: int = 32, gpu: int = CARD, batch: int = 2) -> CheckpointBudget:
+    """Peaks rising evenly from every layer recomputed to none."""
+    step = (none_gib - full_gib) / layers
+    peaks = tuple(int((full_gib + k * step) * GiB) for k in range(layers + 1))
+    return CheckpointBudget(layers=layers, gpu_bytes=gpu, peaks=peaks, batch=batch)
+
+
+def test_budget_peaks_per_kept_count_and_set() -> None:
+    b = budget(60, 92)
+    assert b.full_bytes == b.peak_bytes(0) == b.peaks[0] and b.none_bytes == b.peak_bytes(32)
+    assert b.peak_bytes(frozenset({30, 31})) == b.peaks[2]
+    limit = fastpath.MEMORY_TARGET * CARD
+    k = b.most_kept()
+    assert k is not None and b.peaks[k] <= limit < b.peaks[k + 1]
+    assert budget(95, 150).most_kept() is None
 
 
 def test_auto_turns_checkpointing_off_when_everything_fits() -> None:
     fast = choose(RTX_PRO_6000, budget=budget(60, 80))
-    assert fast.activation_checkpointing is False
+    assert fast.activation_checkpointing is False and fast.layers_kept == 32
     assert fast.checkpointing_mode == "off" and fast.reasons["activation_checkpointing"].startswith("off: planned")
     assert fast.sft_kwargs()["activation_checkpointing"] is False
 
 
-def test_auto_recomputes_as_few_layers_as_fit() -> None:
+def test_auto_keeps_the_most_layers_that_fit_the_last_ones() -> None:
     b = budget(60, 100)
     fast = choose(RTX_PRO_6000, budget=b)
-    limit = fastpath.MEMORY_TARGET * CARD
-    n = fast.checkpoint_every_n_layers
-    assert fast.activation_checkpointing and n > 1
-    assert b.peak_bytes(n) <= limit < b.peak_bytes(n + 1)  # the largest n (fewest recomputed layers) that fits
-    assert fast.planned_peak_bytes == b.peak_bytes(n)
-    assert fast.sft_kwargs()["activation_checkpointing_kwargs"] == {"every_n_layers": n}
+    k = b.most_kept()
+    assert k is not None and 0 < k < 32
+    assert fast.activation_checkpointing and fast.kept_layers == frozenset(range(32 - k, 32))
+    assert fast.checkpointing_mode == f"keep_{k}" and fast.planned_peak_bytes == b.peaks[k]
+    assert f"the last {k} of 32" in fast.reasons["activation_checkpointing"]
+    # Not an every_n pattern: Trainer enables every layer, the callback sets the exact ones.
+    assert fast.sft_kwargs()["activation_checkpointing_kwargs"] is None
+    assert fastpath.recomputed_fraction(fast, 32) == (32 - k) / 32
+    assert fast.log_fields()["layers_kept"] == f"{k}/32"
 
 
 def test_auto_falls_back_to_every_layer() -> None:
@@ -170,23 +194,75 @@ def test_auto_falls_back_to_every_layer() -> None:
 
 
 @pytest.mark.parametrize(
-    ("settings", "mode"),
+    ("settings", "mode", "kept"),
     [
-        ({"activation_checkpointing": False}, "off"),
-        ({"checkpointing_layers": "all"}, "full"),
-        ({"checkpointing_layers": "every_4"}, "every_4"),
-        ({"checkpointing_layers": "Every_1"}, "full"),
-        ({"activation_checkpointing": False, "checkpointing_layers": "every_4"}, "off"),
+        ({"activation_checkpointing": False}, "off", set(range(8))),
+        ({"checkpointing_layers": "all"}, "full", set()),
+        ({"checkpointing_layers": "every_4"}, "keep_6", {1, 2, 3, 5, 6, 7}),
+        ({"checkpointing_layers": "Every_1"}, "full", set()),
+        ({"checkpointing_layers": "keep_3"}, "keep_3", {5, 6, 7}),
+        ({"checkpointing_layers": "keep_0"}, "full", set()),
+        ({"checkpointing_layers": "keep_8"}, "off", set(range(8))),
+        ({"activation_checkpointing": False, "checkpointing_layers": "every_4"}, "off", set(range(8))),
     ],
 )
-def test_explicit_checkpointing_settings_win_over_the_planner(settings: dict[str, Any], mode: str) -> None:
-    assert choose(RTX_PRO_6000, budget=budget(60, 80), **settings).checkpointing_mode == mode
+def test_explicit_checkpointing_settings_win_over_the_planner(settings: dict[str, Any], mode: str, kept: set) -> None:
+    fast = choose(RTX_PRO_6000, budget=budget(60, 80, layers=8), layers=8, **settings)
+    assert fast.checkpointing_mode == mode and fast.kept_layers == kept
 
 
-@pytest.mark.parametrize("layers", ["every_0", "half", "every_x"])
+def test_every_n_is_transformers_set_and_passed_to_trainer() -> None:
+    fast = choose(H100, checkpointing_layers="every_2", layers=6)
+    assert fast.kept_layers == {1, 3, 5}  # layers 0, 2, 4 recompute: index % 2 == 0, as transformers counts
+    assert fast.sft_kwargs()["activation_checkpointing_kwargs"] == {"every_n_layers": 2}
+
+
+@pytest.mark.parametrize("layers", ["every_0", "half", "every_x", "keep_-1"])
 def test_bad_checkpointing_layers_are_config_errors(layers: str) -> None:
     with pytest.raises(ConfigError, match="activation_checkpointing_layers"):
         choose(H100, checkpointing_layers=layers)
+
+
+def test_keep_n_is_checked_against_the_layer_count() -> None:
+    with pytest.raises(ConfigError, match=r"keep_33 asks for more layers than the model has \(32\)"):
+        choose(H100, checkpointing_layers="keep_33", layers=32)
+    with pytest.raises(ConfigError, match="needs the model's layer count"):
+        choose(H100, checkpointing_layers="keep_3")  # nothing says how many layers there are
+
+
+def mistral_budgets(seq: int, batches: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict[int, CheckpointBudget]:
+    from job.plan.budget import checkpoint_budgets
+    from job.plan.memory import MISTRAL_7B_V03
+
+    return checkpoint_budgets(
+        MISTRAL_7B_V03, dtype="bfloat16", optimizer="adamw_kahan", batches=batches, seq=seq, gpu_memory_bytes=CARD
+    )
+
+
+def test_batch_split_when_the_user_set_neither() -> None:
+    budgets = mistral_budgets(4096)
+    fast = choose(RTX_PRO_6000, seq_length=4096, split_batch=True, split_budgets=budgets, budget=budgets[2])
+    assert (fast.batch_size, fast.grad_accum, fast.layers_kept) == (1, 16, 23)
+    assert fast.sft_kwargs()["per_device_train_batch_size"] == 1
+    assert fast.sft_kwargs()["gradient_accumulation_steps"] == 16
+    reason = fast.reasons["batch_split"]
+    assert all(f"{b}x{16 // b}" in reason for b in (1, 2, 4, 8, 16)) and "does not fit" in reason
+    fields = fast.log_fields()
+    assert (fields["batch"], fields["grad_accum"]) == (1, 16)
+    # The user's settings win: 2 x 8 kept, only the layers chosen.
+    given = choose(RTX_PRO_6000, seq_length=4096, budget=budgets[2])
+    assert (given.batch_size, given.grad_accum, given.layers_kept) == (2, 8, 10)
+    assert "as configured" in given.reasons["batch_split"]
+    # A fixed layers setting is kept through the split: only micro-batches where it fits compete.
+    fixed = choose(
+        RTX_PRO_6000,
+        checkpointing_layers="all",
+        seq_length=4096,
+        split_batch=True,
+        split_budgets=budgets,
+        budget=budgets[2],
+    )
+    assert fixed.checkpointing_mode == "full" and fixed.batch_size * fixed.grad_accum == 16
 
 
 def test_checkpoint_budget_from_the_real_planner() -> None:
@@ -201,14 +277,14 @@ def test_checkpoint_budget_from_the_real_planner() -> None:
     }
     b, note = fastpath.checkpoint_budget(tiny, H100, dtype="bfloat16", optimizer="adamw_kahan", batch=2, seq=512)
     assert b is not None and note == ""
-    assert b.layers == 4 and b.gpu_bytes == H100.memory_bytes
+    assert b.layers == 4 and b.gpu_bytes == H100.memory_bytes and len(b.peaks) == 5
     assert 0 < b.full_bytes < b.none_bytes
     assert fastpath.checkpoint_budget(tiny, CPU, dtype="bfloat16", optimizer="adamw_kahan", batch=2, seq=8) == (
         None,
         "no GPU to plan for",
     )
 
-    def refusing_planner(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    def refusing_planner(*args: Any, **kwargs: Any) -> dict[int, CheckpointBudget]:
         raise ValueError("no memory model for optimizer 'sgd'")
 
     failed, why = fastpath.checkpoint_budget(
@@ -257,15 +333,24 @@ def test_choose_fast_path_for_a_cpu_job_keeps_the_seed_behaviour(monkeypatch: py
     fast = fastpath.choose_fast_path(config, fastpath.detect_device("cpu"))
     assert (fast.attn_implementation, fast.tf32, fast.compile) == ("sdpa", False, False)
     assert fast.sft_kwargs() == {
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 8,
         "activation_checkpointing": True,
         "activation_checkpointing_kwargs": None,
         "tf32": None,
-        "torch_compile": False,
     }
     assert [event for event, _ in lines] == ["fast_path"]
     fields = lines[0][1]
     assert fields["attention"] == "sdpa" and fields["activation_checkpointing"] == "full"
-    assert set(fields["reasons"]) == {"attention", "tf32", "padding_free", "activation_checkpointing", "compile"}
+    assert set(fields["reasons"]) == {
+        "attention",
+        "tf32",
+        "padding_free",
+        "activation_checkpointing",
+        "batch_split",
+        "compile",
+        "liger_kernels",
+    }
 
 
 def test_choose_fast_path_refuses_liger_fused_cross_entropy() -> None:
@@ -285,32 +370,92 @@ def test_choose_fast_path_plans_checkpointing_with_the_loaded_model(
     fast = fastpath.choose_fast_path(replace(config, model=model), RTX_PRO_6000, model_location=str(tiny_model_dir))
     assert fast.attn_implementation == "sdpa"
     assert fast.checkpointing_mode == "off" and fast.planned_peak_bytes is not None
-    assert fast.tf32 is True
+    assert fast.tf32 is True and fast.layers == 2
+    # Everything fits any split: the largest micro-batch runs fastest; set values are kept.
+    assert (fast.batch_size, fast.grad_accum) == (16, 1)
+    settings = [f"model.source={tiny_model_dir}", "data.train=x.jsonl", "train.gradient_accumulation_steps=8"]
+    kept = fastpath.choose_fast_path(load_config(None, settings, environ={}), RTX_PRO_6000)
+    assert (kept.batch_size, kept.grad_accum) == (2, 8)
     unknown = fastpath.choose_fast_path(replace(config, model=model), RTX_PRO_6000, model_location="/nonexistent")
     assert unknown.checkpointing_mode == "full" and unknown.planned_peak_bytes is None  # nothing to plan with
 
 
-def test_apply_activation_checkpointing_sets_layer_flags() -> None:
+def _count_layer_forwards(model: Any) -> list[int]:
+    """Forward runs per decoder layer, recomputation included: the hook sits on each layer's MLP, which the
+    layer's own forward calls (checkpointing replays `forward`, bypassing the layer's own hooks)."""
+    counts = [0] * len(model.model.layers)
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda module, args, i=index: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def _tiny_model(layers: int = 4) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
+    torch.manual_seed(0)
     config = MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    layers = model.model.layers
+    return AutoModelForCausalLM.from_config(config)
 
-    every_2 = choose(H100, checkpointing_layers="every_2")
-    fastpath.apply_activation_checkpointing(model, every_2)
-    assert [layer.gradient_checkpointing for layer in layers] == [True, False, True, False]
-    assert fastpath.recomputed_fraction(every_2, 4) == 0.5
-    fastpath.apply_activation_checkpointing(model, choose(H100, checkpointing_layers="all"))
-    assert all(layer.gradient_checkpointing for layer in layers)
+
+def test_apply_activation_checkpointing_recomputes_exactly_the_chosen_layers() -> None:
+    import torch
+
+    model = _tiny_model()
+    counts = _count_layer_forwards(model)
+    ids = torch.randint(0, 64, (2, 8))
+
+    def step(fast: fastpath.FastPath) -> list[int]:
+        fastpath.apply_activation_checkpointing(model, fast)
+        model.train()
+        counts[:] = [0] * 4
+        model(input_ids=ids, labels=ids).loss.backward()
+        return list(counts)
+
+    keep_1 = choose(H100, checkpointing_layers="keep_1", layers=4)
+    assert step(keep_1) == [2, 2, 2, 1]  # the last layer keeps its activations, three recompute
+    assert fastpath.recomputed_fraction(keep_1, 4) == 0.75
+    assert step(choose(H100, checkpointing_layers="every_2", layers=4)) == [2, 1, 2, 1]
+    assert step(choose(H100, checkpointing_layers="all")) == [2, 2, 2, 2]
     off = choose(H100, activation_checkpointing=False)
-    fastpath.apply_activation_checkpointing(model, off)
-    assert not any(layer.gradient_checkpointing for layer in layers)
-    assert fastpath.recomputed_fraction(off, 4) == 0.0
+    assert step(off) == [1, 1, 1, 1] and fastpath.recomputed_fraction(off, 4) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("setting", "callback", "expected"),
+    [
+        ("keep_2", True, [2, 2, 1, 1]),
+        ("keep_2", False, [2, 2, 2, 2]),  # without the callback Trainer recomputes every layer: slower, never larger
+        ("keep_3", False, [2, 1, 1, 1]),  # {1, 2, 3} is every_n_layers=4: Trainer alone is exact
+        ("every_2", False, [2, 1, 2, 1]),
+    ],
+)
+def test_the_trainer_recomputes_exactly_the_chosen_layers(
+    tmp_path: Any, setting: str, callback: bool, expected: list[int]
+) -> None:
+    """A real Trainer step with the SFTConfig fields of `sft_kwargs` and the callback: forward runs per layer."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    model = _tiny_model()
+    counts = _count_layer_forwards(model)
+    fast = choose(CPU, checkpointing_layers=setting, layers=4, batch_size=1, grad_accum=2)
+    kwargs = {k: v for k, v in fast.sft_kwargs().items() if v is not None}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, use_cpu=True, report_to=[], save_strategy="no", **kwargs
+    )
+    ids = torch.randint(0, 64, (8,))
+    data = [{"input_ids": ids, "labels": ids} for _ in range(2)]
+    callbacks = [fastpath.checkpointing_callback(fast)] if callback else []
+    Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
+    assert counts == [2 * n for n in expected]  # two micro-batches (1 x 2 accumulation)
 
 
 def test_build_sft_config_takes_the_fast_path(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,27 +1,27 @@
-"""The fast path: attention kernel, TF32, padding-free batches, activation checkpointing and compile, per GPU.
+"""The fast path: attention kernel, TF32, padding-free batches, the layers that keep their activations, the batch
+split, compile and Liger kernels, per GPU.
 
 Each switch is settable in the config and, where it is left empty, on wherever the installed packages and
 the detected card support it. The decision is a pure function of its inputs (`decide`), so tests fake a
-device and its packages instead of torch; `choose_fast_path` gathers the real inputs, decides, and logs
-it as one structured line (`fast_path`) with a reason per switch. Nothing is downloaded at run time.
-What each switch relies on (kernel support per compute capability, upstream issues): docs/fast-path.md.
+device and its packages instead of torch; `choose_fast_path` gathers the real inputs (the planner's peaks
+from `job.plan`), decides, and logs it as one structured line (`fast_path`) with a reason per switch.
+Nothing is downloaded at run time. What each switch relies on: docs/fast-path.md.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from job.errors import ConfigError
+from job.plan.budget import gpu_budgets, layer_count, model_config_at
+from job.plan.speed import MEMORY_TARGET, CheckpointBudget, Layout, decide_layout, every_n_of, parse_layers, splits
 
-MEMORY_TARGET = 0.92
-"""Fraction of the card the planned peak may fill (on a 97,887 MiB card: 88 GiB, under the 90 GiB target)."""
+__all__ = ["MEMORY_TARGET", "CheckpointBudget", "DeviceInfo", "FastPath", "FastPathInputs", "decide"]
+
 FA2_MIN_VERSION = (2, 3, 3)
 FA2_CAPABILITIES = ((8, 0), (8, 6), (8, 7), (8, 9), (9, 0))
 """Capabilities flash-attn 2 is built and checked for (README: Ampere, Ada, Hopper; setup.py: sm_80, sm_90)."""
@@ -30,7 +30,6 @@ PACKAGES = ("flash-attn", "flash-attn-3", "liger-kernel", "kernels")
 """Distributions the decision reads (their versions; absent ones are left out)."""
 KNOWN_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 PADDING_FREE_ATTENTION = KNOWN_ATTENTION
-_EVERY_N = re.compile(r"every_(\d+)")
 
 
 @dataclass(frozen=True)
@@ -55,33 +54,8 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True)
-class CheckpointBudget:
-    """The planner's peak-memory estimates at the two ends, for choosing how many layers recompute."""
-
-    layers: int
-    gpu_bytes: int
-    full_bytes: int
-    """Planned peak with every layer recomputed."""
-    none_bytes: int
-    """Planned peak with no recomputation."""
-
-    def peak_bytes(self, every_n: int) -> int:
-        """Planned peak when every `every_n`-th layer recomputes (0: none).
-
-        From the planner's formula: each layer that keeps its activations adds the same amount, the
-        difference between the two ends spread over L-1 layers (full recomputation still holds one
-        layer's activations while recomputing it).
-        """
-        if every_n == 0:
-            return self.none_bytes
-        kept = self.layers - math.ceil(self.layers / every_n)
-        per_layer = (self.none_bytes - self.full_bytes) / max(self.layers - 1, 1)
-        return int(self.full_bytes + kept * per_layer)
-
-
-@dataclass(frozen=True)
 class FastPathInputs:
-    """Everything `decide` reads: the device, installed packages and the user's settings."""
+    """Everything `decide` reads: the device, installed packages, the user's settings and the planner's peaks."""
 
     device: DeviceInfo
     packages: Mapping[str, str] = field(default_factory=dict)
@@ -89,11 +63,23 @@ class FastPathInputs:
     dtype: str = "bfloat16"
     attn_implementation: str | None = None
     tf32: bool | None = None
-    compile: bool = False
+    compile: bool | None = None
+    """model.compile: None is auto (on with CUDA)."""
+    liger_kernels: bool = False
     packing: bool = False
     activation_checkpointing: bool = True
     checkpointing_layers: str = "auto"
+    layers: int | None = None
+    """Decoder layers of the model (from its config.json); None: unknown (then only auto/all/off work)."""
+    batch_size: int = 2
+    grad_accum: int = 8
+    seq_length: int = 2048
+    split_batch: bool = False
+    """The user set neither batch nor accumulation: the planner may split the same examples another way."""
     budget: CheckpointBudget | None = None
+    """The planner's peaks at `batch_size`."""
+    split_budgets: Mapping[int, CheckpointBudget] = field(default_factory=dict)
+    """The planner's peaks per candidate micro-batch (for the split)."""
     budget_note: str = ""
     """Why there is no budget (e.g. no GPU, or the planner could not size the model)."""
 
@@ -107,32 +93,52 @@ class FastPath:
     tf32: bool
     padding_free: bool
     activation_checkpointing: bool
-    checkpoint_every_n_layers: int
-    """1: every layer recomputes; n > 1: every n-th layer (selective). Ignored when checkpointing is off."""
+    """Some layer recomputes (False: every layer keeps its activations)."""
+    kept_layers: frozenset[int]
+    """Decoder layers (by index) that keep their activations while others recompute; the last ones under auto."""
     compile: bool
+    """Compile each decoder layer (regional `torch.compile`, `job.train.compile`)."""
     reasons: dict[str, str]
     planned_peak_bytes: int | None = None
+    layers: int | None = None
+    batch_size: int = 2
+    grad_accum: int = 8
+    liger_kernels: bool = False
+    """Apply Liger's RMSNorm/SwiGLU/RoPE kernels to the loaded model (`job.train.liger`; compile is off then)."""
+
+    @property
+    def layers_kept(self) -> int | None:
+        """How many layers keep their activations (None: unknown, checkpointing off on an unread model)."""
+        if not self.activation_checkpointing:
+            return self.layers
+        return len(self.kept_layers)
 
     @property
     def checkpointing_mode(self) -> str:
         if not self.activation_checkpointing:
             return "off"
-        return "full" if self.checkpoint_every_n_layers == 1 else f"every_{self.checkpoint_every_n_layers}"
+        return f"keep_{len(self.kept_layers)}" if self.kept_layers else "full"
 
     def sft_kwargs(self) -> dict[str, Any]:
-        """The `SFTConfig` fields this decision sets (TF32 only on a GPU: Trainer refuses it elsewhere)."""
-        every_n = self.checkpoint_every_n_layers
+        """The `SFTConfig` fields this decision sets (TF32 only on a GPU: Trainer refuses it elsewhere).
+
+        Trainer enables checkpointing in `train()`: on every layer, or every n-th when the kept set is
+        transformers' `every_n_layers` pattern; `checkpointing_callback` then sets each layer's flag to the
+        exact set when training begins (without it every layer recomputes: slower, never larger)."""
+        every_n = every_n_of(self.kept_layers, self.layers) if self.kept_layers and self.layers else None
         return {
+            "per_device_train_batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.grad_accum,
             "activation_checkpointing": self.activation_checkpointing,
             "activation_checkpointing_kwargs": {"every_n_layers": every_n}
-            if self.activation_checkpointing and every_n > 1
+            if self.activation_checkpointing and every_n
             else None,
             "tf32": self.tf32 if self.device.kind == "cuda" else None,
-            "torch_compile": self.compile,
         }
 
     def log_fields(self) -> dict[str, Any]:
         """One flat mapping for the structured `fast_path` line."""
+        kept = self.layers_kept
         return {
             "device": self.device.name or self.device.kind,
             "capability": self.device.sm,
@@ -140,7 +146,11 @@ class FastPath:
             "tf32": self.tf32,
             "padding_free": self.padding_free,
             "activation_checkpointing": self.checkpointing_mode,
+            "layers_kept": f"{kept}/{self.layers}" if kept is not None and self.layers else None,
+            "batch": self.batch_size,
+            "grad_accum": self.grad_accum,
             "compile": self.compile,
+            "liger_kernels": self.liger_kernels,
             "planned_peak_gib": round(self.planned_peak_bytes / 2**30, 2) if self.planned_peak_bytes else None,
             "reasons": dict(self.reasons),
         }
@@ -155,9 +165,14 @@ def decide(inputs: FastPathInputs) -> FastPath:
     attention, reasons["attention"] = _attention(inputs)
     tf32, reasons["tf32"] = _tf32(inputs)
     padding_free, reasons["padding_free"] = _padding_free(inputs, attention)
-    (checkpointing, every_n, peak), reasons["activation_checkpointing"] = _checkpointing(inputs)
+    layout = _layout(inputs)
+    reasons["activation_checkpointing"], reasons["batch_split"] = layout.layers_reason, layout.split_reason
     compile_, reasons["compile"] = _compile(inputs)
-    return FastPath(inputs.device, attention, tf32, padding_free, checkpointing, every_n, compile_, reasons, peak)
+    liger, reasons["liger_kernels"] = _liger(inputs, compile_)
+    return FastPath(
+        inputs.device, attention, tf32, padding_free, layout.checkpointing, layout.kept, compile_, reasons, layout.peak,
+        layout.layers, layout.batch, layout.accum, liger,
+    )  # fmt: skip
 
 
 def _version(text: str | None) -> tuple[int, ...]:
@@ -233,51 +248,50 @@ def _padding_free(inp: FastPathInputs, attention: str) -> tuple[bool, str]:
     )
 
 
-def _checkpointing(inp: FastPathInputs) -> tuple[tuple[bool, int, int | None], str]:
-    layers = inp.checkpointing_layers.strip().lower()
-    budget = inp.budget
-    if not inp.activation_checkpointing:
-        peak = budget.peak_bytes(0) if budget else None
-        return (False, 1, peak), "off by train.activation_checkpointing"
-    if layers == "all":
-        peak = budget.peak_bytes(1) if budget else None
-        return (True, 1, peak), "every layer, by train.activation_checkpointing_layers"
-    if match := _EVERY_N.fullmatch(layers):
-        n = int(match.group(1))
-        if n < 1:
-            raise ConfigError("train.activation_checkpointing_layers every_N needs N >= 1")
-        return (True, n, budget.peak_bytes(n) if budget else None), f"every {n} layer(s), by the config"
-    if layers != "auto":
-        raise ConfigError(
-            f"train.activation_checkpointing_layers {inp.checkpointing_layers!r} is not auto, all or every_N"
-        )
-    if budget is None:
-        return (True, 1, None), f"every layer (the seed's): {inp.budget_note or 'no memory plan'}"
-    limit = int(MEMORY_TARGET * budget.gpu_bytes)
-
-    def gib(n: int) -> str:
-        return f"{n / 2**30:.1f} GiB"
-
-    if budget.none_bytes <= limit:
-        return (False, 1, budget.none_bytes), f"off: planned peak {gib(budget.none_bytes)} fits {gib(limit)}"
-    for n in range(budget.layers, 1, -1):  # fewest recomputed layers first
-        peak = budget.peak_bytes(n)
-        if peak <= limit:
-            recomputed = math.ceil(budget.layers / n)
-            return (True, n, peak), (
-                f"1 layer in {n} recomputes ({recomputed}/{budget.layers}): planned peak {gib(peak)}"
-                f" fits {gib(limit)}; none would need {gib(budget.none_bytes)}"
-            )
-    fits = "fits" if budget.full_bytes <= limit else "does NOT fit (see `plan`)"
-    return (True, 1, budget.full_bytes), f"every layer: planned peak {gib(budget.full_bytes)} {fits} {gib(limit)}"
+def _layout(inp: FastPathInputs) -> Layout:
+    return decide_layout(
+        setting=inp.checkpointing_layers,
+        checkpointing=inp.activation_checkpointing,
+        layers=inp.layers,
+        batch=inp.batch_size,
+        accum=inp.grad_accum,
+        seq=inp.seq_length,
+        split=inp.split_batch,
+        budget=inp.budget,
+        split_budgets=inp.split_budgets,
+        note=inp.budget_note or "no memory plan",
+        on_gpu=inp.device.kind == "cuda",
+    )
 
 
 def _compile(inp: FastPathInputs) -> tuple[bool, str]:
-    if not inp.compile:
-        return False, "off by default (model.compile): minutes of compilation, recompiles on new shapes"
+    if inp.compile is False:
+        return False, "off by model.compile"
+    if inp.compile:
+        where = "" if inp.device.kind == "cuda" else " (on CPU: inductor's C++ code)"
+        return True, f"set by model.compile: each decoder layer compiled{where}"
     if inp.device.kind != "cuda":
-        return False, "model.compile is set but there is no CUDA device: not compiled"
-    return True, "set by model.compile"
+        return False, "no CUDA device: eager (model.compile: true compiles on CPU too)"
+    return True, "regional: each decoder layer compiled (on by default with CUDA; model.compile: false turns it off)"
+
+
+def _liger(inp: FastPathInputs, compiled: bool) -> tuple[bool, str]:
+    if not inp.liger_kernels:
+        return False, "off (model.liger_kernels)"
+    if compiled:
+        raise ConfigError(
+            "liger kernels only with model.compile false: compiled layers fuse RMSNorm, SwiGLU and RoPE already",
+            hint="set model.compile: false to use model.liger_kernels, or drop model.liger_kernels",
+        )
+    if inp.device.kind != "cuda":
+        raise ConfigError("model.liger_kernels needs a CUDA GPU (Triton kernels); this run has none")
+    version = inp.packages.get("liger-kernel")
+    if not version:
+        raise ConfigError(
+            "model.liger_kernels needs the liger-kernel package, which is not installed",
+            hint="install the image's liger extra (nothing is downloaded at run time), or drop model.liger_kernels",
+        )
+    return True, f"liger-kernel {version}: RMSNorm, SwiGLU and RoPE kernels (the loss stays TRL's chunked head)"
 
 
 # ---------------------------------------------------------------- refusals
@@ -340,77 +354,50 @@ def checkpoint_budget(
     optimizer: str,
     batch: int,
     seq: int,
-    planner: Callable[..., dict[str, Any]] | None = None,
+    planner: Callable[..., dict[int, CheckpointBudget]] | None = None,
 ) -> tuple[CheckpointBudget | None, str]:
-    """The planner's peak with all and with no layers recomputed, or (None, why)."""
-    if device.kind != "cuda" or not device.memory_bytes:
-        return None, "no GPU to plan for"
-    if model_config is None:
-        return None, "model config unknown to the planner"
-    if planner is None:
-        from job.plan.memory import make_plan as planner
-    common = {
-        "dtype": dtype,
-        "optimizer": optimizer,
-        "per_device_batch_size": batch,
-        "seq_length": seq,
-        "gpu_memory_bytes": device.memory_bytes,
-        "gpu_name": device.name,
-    }
-    try:
-        full = planner(model_config, activation_checkpointing=True, **common)
-        none = planner(model_config, activation_checkpointing=False, **common)
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        return None, f"the planner could not size this run ({exc})"
-    budget = CheckpointBudget(
-        layers=int(full["model"]["layers"]),
-        gpu_bytes=device.memory_bytes,
-        full_bytes=int(full["memory_bytes"]["total"]),
-        none_bytes=int(none["memory_bytes"]["total"]),
+    """The planner's peaks at micro-batch `batch` for every number of layers kept, or (None, why)."""
+    memory = device.memory_bytes if device.kind == "cuda" else None
+    budgets, note = gpu_budgets(
+        model_config, memory, dtype=dtype, optimizer=optimizer, batches=(batch,), seq=seq, planner=planner
     )
-    return budget, ""
+    return budgets.get(batch), note
 
 
-def _model_config(location: str | None, revision: str | None, trust_remote_code: bool = False) -> Any:
-    """The transformers config at `location` (a directory or a Hub id), or None when it cannot be read here."""
-    if not location:
-        return None
-    path = Path(location)
-    try:
-        from transformers import AutoConfig
+_model_config = model_config_at  # the name tests/test_model.py knows
 
-        if path.is_dir() and (path / "config.json").is_file():
-            return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        from job.model.load import HUB_ID  # imported here: the GPU bench loads this module without structlog
-
-        if HUB_ID.match(location) and not path.exists():
-            token = os.environ.get("HF_TOKEN") or None
-            return AutoConfig.from_pretrained(
-                location, revision=revision, token=token, trust_remote_code=trust_remote_code
-            )
-    except (OSError, ValueError):
-        return None
-    return None
+SPLIT_KEYS = ("train.per_device_train_batch_size", "train.gradient_accumulation_steps")
 
 
 def choose_fast_path(config: Any, dev: DeviceInfo, model_location: str | None = None) -> FastPath:
     """Decide the fast path for a JobConfig on `dev` and log it.
 
-    `model_location` is where the model was resolved to (a directory or a Hub id): the planner
-    reads its config.json to size activation checkpointing; without it, `model.source` is tried.
+    `model_location` is where the model was resolved to (a directory or a Hub id): the planner reads its
+    config.json for the layer count and the peaks; without it, `model.source` is tried (on CPU only when the
+    layers setting needs the count, so a CPU run never asks the Hub).
     """
     train, model, data = config.train, config.model, config.data
     packages = installed_packages()
     refuse_downloaded_kernels(train.extra, packages)
-    layers = getattr(train, "activation_checkpointing_layers", "auto")
-    budget, note = None, "no GPU to plan for"
-    if dev.kind == "cuda" and train.activation_checkpointing and str(layers).lower() == "auto":
-        budget, note = checkpoint_budget(
-            _model_config(model_location or model.source, model.revision, model.trust_remote_code),
-            dev,
+    setting = str(getattr(train, "activation_checkpointing_layers", "auto"))
+    kind, _ = parse_layers(setting)
+    fsdp = bool(getattr(train, "fsdp", False))
+    is_set = getattr(config, "is_set", lambda key: False)
+    split = dev.kind == "cuda" and not fsdp and not any(is_set(key) for key in SPLIT_KEYS)
+    batch, accum = train.per_device_train_batch_size, train.gradient_accumulation_steps
+    model_config = None
+    if dev.kind == "cuda" or kind in ("every", "keep"):
+        model_config = model_config_at(model_location or model.source, model.revision, model.trust_remote_code)
+    budgets: dict[int, CheckpointBudget] = {}
+    note = "FSDP recomputes every layer itself" if fsdp else "no GPU to plan for"
+    if dev.kind == "cuda" and not fsdp:
+        wanted = {batch, *(b for b, _ in splits(batch * accum))} if split else {batch}
+        budgets, note = gpu_budgets(
+            model_config,
+            dev.memory_bytes,
             dtype=model.dtype,
             optimizer=train.optim,
-            batch=train.per_device_train_batch_size,
+            batches=wanted,
             seq=data.max_length,
         )
     fast = decide(
@@ -420,11 +407,18 @@ def choose_fast_path(config: Any, dev: DeviceInfo, model_location: str | None = 
             dtype=model.dtype,
             attn_implementation=model.attn_implementation,
             tf32=getattr(model, "tf32", None),
-            compile=getattr(model, "compile", False),
+            compile=getattr(model, "compile", None),
+            liger_kernels=bool(getattr(model, "liger_kernels", False)),
             packing=bool(getattr(data, "packing", False)),
             activation_checkpointing=train.activation_checkpointing,
-            checkpointing_layers=str(layers),
-            budget=budget,
+            checkpointing_layers=setting,
+            layers=layer_count(model_config) if model_config is not None else None,
+            batch_size=batch,
+            grad_accum=accum,
+            seq_length=data.max_length,
+            split_batch=split,
+            budget=budgets.get(batch),
+            split_budgets=budgets if split else {},
             budget_note=note,
         )
     )
@@ -439,7 +433,7 @@ def log_decision(fast: FastPath) -> None:
     get_logger(__name__).info("fast_path", **fast.log_fields())
 
 
-# ---------------------------------------------------------------- applying it outside Trainer (the GPU bench)
+# ---------------------------------------------------------------- applying it
 
 
 def enable_tf32(enabled: bool) -> None:
@@ -450,14 +444,23 @@ def enable_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def apply_activation_checkpointing(model: Any, fast: FastPath) -> None:
-    """Checkpoint `model`'s decoder layers as decided, as Trainer does with `activation_checkpointing_kwargs`.
+def set_layer_flags(model: Any, fast: FastPath) -> int:
+    """Each decoder layer recomputes unless it is in `fast.kept_layers`; returns how many recompute.
 
-    Sets each GradientCheckpointingLayer's flag directly, which also works on transformers releases
-    older than 5.24's `every_n_layers`.
-    """
+    The layers must already have a checkpointing function (Trainer's `train()` or `activation_checkpointing_enable`)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = fast.activation_checkpointing and index not in fast.kept_layers
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
+def apply_activation_checkpointing(model: Any, fast: FastPath) -> None:
+    """Checkpoint `model`'s decoder layers as decided, outside Trainer (the GPU bench): enable, then set the flags."""
     if not fast.activation_checkpointing:
-        if getattr(model, "is_gradient_checkpointing", False):
+        on = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.24's name
+        if on or (on is None and getattr(model, "is_gradient_checkpointing", False)):
             disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
             disable()
         return
@@ -465,15 +468,27 @@ def apply_activation_checkpointing(model: Any, fast: FastPath) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    set_layer_flags(model, fast)
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index % fast.checkpoint_every_n_layers == 0
+
+def checkpointing_callback(fast: FastPath) -> Any:
+    """A TrainerCallback that sets the exact per-layer flags when training begins.
+
+    Trainer enables checkpointing inside `train()` (on every layer, or every n-th), after any callback could
+    see the model at construction; `on_train_begin` runs after that, on every start and resume. Under FSDP
+    (Trainer's own checkpointing off, FSDP's on) it does nothing."""
+    from transformers import TrainerCallback
+
+    class LayerCheckpointing(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if model is not None and args.activation_checkpointing and fast.activation_checkpointing:
+                set_layer_flags(model, fast)
+
+    return LayerCheckpointing()
 
 
 def recomputed_fraction(fast: FastPath, layers: int) -> float:
     """Share of decoder layers whose forward runs twice (for hardware FLOP utilisation)."""
     if not fast.activation_checkpointing:
         return 0.0
-    return math.ceil(layers / fast.checkpoint_every_n_layers) / layers
+    return (layers - len(fast.kept_layers & frozenset(range(layers)))) / layers
