@@ -284,12 +284,23 @@ class TrainingRun:
         self.resume = ResumePoint(*found) if found else None
 
     def load_model(self) -> None:
+        from job.train.compile import speed_up_model
         from job.train.fastpath import choose_fast_path, detect_device
 
         self.fast = choose_fast_path(self.config, detect_device(), model_location=self.prepared.source.location)
         with Heartbeat("load_model") as beat:
             self.model = load_model(
                 self.prepared.source, self.config.model, self.fast.device.kind, attention=self.fast.attn_implementation
+            )
+            # Compiled layers (their cache restored from the store) or Liger's kernels, as the fast path decided.
+            self.compile_callback = speed_up_model(
+                self.model,
+                self.config,
+                self.fast,
+                store=self.store,
+                scratch=scratch_dir(self.config),
+                fence=self.fence,
+                writer=self.group.ranks.is_main,
             )
         self.timings.load_seconds = beat.stop()
 
@@ -326,7 +337,7 @@ class TrainingRun:
             self.prepared.eval.dataset if self.prepared.eval else None,
             self.work / "trainer",
             self.fast,
-            extra_callbacks=[StopAtFinalStep(), checkpoints],
+            extra_callbacks=[StopAtFinalStep(), checkpoints, *filter(None, [getattr(self, "compile_callback", None)])],
             sink=self.metrics_log.add,
             flops_budget=self.flops_budget(),
             group=self.group,
