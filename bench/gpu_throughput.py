@@ -1,6 +1,6 @@
-"""Training throughput of Mistral-7B-v0.3 on one GPU: the seed recipe against the job's default fast path.
+"""Training throughput of Mistral-7B-v0.3 on one GPU: the seed recipe against the job's default, with the targets.
 
-One command, on one H100, H200 or RTX PRO 6000 (96 GB), within ~8 minutes including warm-up:
+One command, on one H100, H200 or RTX PRO 6000 (96 GB), within a few minutes including warm-up:
 
     python bench/gpu_throughput.py --out docs/gpu_throughput.json
 
@@ -9,23 +9,27 @@ memory capped at the 96 GB card's 97,887 MiB on larger cards (`torch.cuda.set_pe
 sequence lengths 2048 and 4096, a few warm-up and timed optimizer steps each for:
 
 - `seed`: the seed recipe - bf16 weights, `torch.optim.AdamW(fused=True)` (bf16 states, as transformers v5
-  loads `dtype="auto"`), every layer recomputed, transformers' default attention (sdpa);
-- `default`: the job's default - `job.optim.adamw.DEFAULT_OPTIMIZER` plus the fast-path choices `job.train.fastpath`
-  makes for this card (attention, TF32, how many layers recompute as the planner sizes them).
+  loads `dtype="auto"`), batch 2 x accumulation 8, every layer recomputed, transformers' default attention
+  (sdpa), eager;
+- `default`: what the job decides for the default config on this card (`choose_fast_path` on a JobConfig of
+  defaults, the planner sizing it for the capped card): `job.optim.adamw.DEFAULT_OPTIMIZER`, the planner's
+  micro-batch x accumulation for the same 16 examples per step, the layers that keep their activations,
+  attention, TF32, and each decoder layer compiled where the job compiles (`--compile`).
 
-Both use batch 2 x gradient accumulation 8 (the seed recipe's), gradient clipping at 1.0, and TRL's
-chunked LM head when `trl` is importable (as the job does; else the model's own loss with full logits,
-recorded as `loss_head`). Sequences are full-length random tokens, so padding-free packing changes
-nothing here and is not measured. It prints tokens/s, MFU, HFU (`job.plan.flops` conventions) and peak
-memory per run as a short table last, and writes every figure as JSON. A run that runs out of memory
-is recorded as `oom`; the default recipe then retries with every layer recomputed.
+Both clip gradients at 1.0 and use TRL's chunked LM head when `trl` is importable (as the job does; else the
+model's own loss with full logits, recorded as `loss_head`). Sequences are full-length random tokens. It prints
+the issue's targets as pass/fail lines (MFU >= 50% at 2048 and >= 48% at 4096, >= 1.25x the seed's tokens/s,
+peak <= 90 GiB, optimizer step <= 60 ms, timed alone with CUDA events) and then, last, a table of tokens/s,
+MFU, HFU (`job.plan.flops` conventions), peak memory and optimizer step per run; the JSON (rewritten after each
+run, so a run cut short keeps what it measured) holds every figure. A run that runs out of memory is recorded as
+`oom` and the default recipe is retried with every layer recomputed; a compiled run that fails is retried eager.
 
 Separately (issue 9), `--fsdp-check` (on by default) saves a sharded FSDP2 model + optimizer state with
 torch.distributed.checkpoint, restores it into a fresh model, and checks the next step is identical:
 one rank per visible GPU (NCCL), or two CPU ranks (gloo) in `--dry-run`.
 
-`--dry-run` runs every code path on CPU with a tiny config in seconds (timings meaningless). Depends only
-on torch, transformers and this project.
+`--dry-run` runs every code path on CPU with a tiny config in seconds (timings meaningless). Needs torch,
+transformers, structlog and this project (trl optional).
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ import json
 import os
 import platform
 import socket
+import statistics
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +69,6 @@ from job.train.fastpath import (
     detect_device,
     enable_tf32,
     installed_packages,
-    recomputed_fraction,
 )
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -83,18 +88,29 @@ TINY: dict[str, Any] = {
 }
 LR = 5e-6
 SEED_OPTIMIZER = "adamw_torch_fused"
+SEED_BATCH, SEED_ACCUM = 2, 8
+TARGET_MFU = {2048: 0.50, 4096: 0.48}
+TARGET_SPEEDUP, TARGET_PEAK_GIB, TARGET_OPTIMIZER_MS = 1.25, 90.0, 60.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny config on CPU: every code path, in seconds")
     p.add_argument("--seq", type=int, nargs="+", default=None, help="sequence lengths (default 2048 4096)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step")
+    p.add_argument("--batch", type=int, help="micro-batch of both recipes (default: seed 2, default the planner's)")
+    p.add_argument("--accum", type=int, help="micro-batches per optimizer step (default: seed 8, the planner's)")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps per run")
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per run")
     p.add_argument("--recipes", nargs="+", default=["seed", "default"], choices=["seed", "default"])
-    p.add_argument("--compile", action="store_true", help="also run the default recipe with torch.compile")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="both",
+        default="auto",
+        choices=["auto", "off", "both"],
+        help="the default recipe's layers: compiled where the job compiles them (auto: with CUDA), eager (off),"
+        " or both rows (`--compile` alone)",
+    )
     p.add_argument("--no-cap", action="store_true", help="do not cap memory at the 96 GB card's 97,887 MiB")
     p.add_argument("--fsdp-check", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path, default=Path("gpu_throughput.json"), help="where the JSON goes")
@@ -102,7 +118,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.seq is None:
         args.seq = [32, 64] if args.dry_run else [2048, 4096]
     if args.dry_run:
-        args.accum = min(args.accum, 2)
         args.steps = min(args.steps, 1)
     return args
 
@@ -193,23 +208,41 @@ def set_attention(model: Any, name: str) -> None:
 
 
 def seed_fast_path(device: DeviceInfo) -> FastPath:
-    """The seed recipe expressed as a FastPath: sdpa, every layer recomputed, no TF32 switch, no compile."""
+    """The seed recipe expressed as a FastPath: sdpa, every layer recomputed, no TF32 switch (run eager)."""
     return decide(FastPathInputs(device=device, attn_implementation="sdpa", tf32=False, checkpointing_layers="all"))
 
 
+def full_recompute(fast: FastPath) -> FastPath:
+    """`fast` with every layer recomputed (the retry after an out-of-memory)."""
+    inputs = FastPathInputs(
+        device=fast.device, attn_implementation=fast.attn_implementation, tf32=fast.tf32, checkpointing_layers="all"
+    )
+    return decide(inputs)
+
+
 def default_fast_path(
-    device: DeviceInfo, model_values: dict[str, Any], batch: int, seq: int, pretend_bytes: int | None
+    device: DeviceInfo, model_dir: Path, seq: int, args: argparse.Namespace, pretend_bytes: int | None
 ) -> FastPath:
-    """What the job decides for this card, with the planner sizing activation checkpointing."""
+    """What the job decides for its default config at `seq` on this card (the planner sizing the layers kept
+    and the batch split); `--batch`/`--accum` are the user's settings, which the job keeps."""
+    from job.config.load import load_config
+    from job.train.fastpath import choose_fast_path
+
     planning_device = device if pretend_bytes is None else replace(device, kind="cuda", memory_bytes=pretend_bytes)
-    budget, note = checkpoint_budget(
-        model_values, planning_device, dtype="bfloat16", optimizer=DEFAULT_OPTIMIZER, batch=batch, seq=seq
-    )
-    return decide(
-        FastPathInputs(
-            device=device, packages=installed_packages(), budget=budget, budget_note=note, checkpointing_layers="auto"
-        )
-    )
+    overrides = [f"model.source={model_dir}", f"data.max_length={seq}", "data.train=unused.jsonl"]
+    if args.batch:
+        overrides.append(f"train.per_device_train_batch_size={args.batch}")
+    if args.accum:
+        overrides.append(f"train.gradient_accumulation_steps={args.accum}")
+    config = load_config(None, overrides, environ={})
+    return choose_fast_path(config, planning_device, model_location=str(model_dir))
+
+
+def batch_split(fast: FastPath, args: argparse.Namespace) -> tuple[int, int]:
+    """Micro-batch x accumulation the job would train with under `fast` (the planner's split, or the user's)."""
+    batch = getattr(fast, "batch_size", None) or args.batch or SEED_BATCH
+    accum = getattr(fast, "grad_accum", None) or args.accum or SEED_ACCUM
+    return int(batch), int(accum)
 
 
 def make_optimizer(name: str, model: Any, device: torch.device) -> torch.optim.Optimizer:
@@ -220,6 +253,44 @@ def make_optimizer(name: str, model: Any, device: torch.device) -> torch.optim.O
         return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
     except (RuntimeError, ValueError):  # a device without the fused kernel
         return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=True)
+
+
+@contextlib.contextmanager
+def compiled_layers(model: Any, enabled: bool) -> Iterator[dict[str, Any]]:
+    """Each decoder layer compiled for the duration, as the job compiles it (`job.train.compile` when this tree
+    has it, else `nn.Module.compile` per layer); yields how, and why it fell back to eager if it did."""
+    info: dict[str, Any] = {"compiled_with": None}
+    if not enabled:
+        yield info
+        return
+    layers = list(model.model.layers)
+    try:
+        from job.train.compile import compile_layers
+    except ImportError:
+        compile_layers = None
+    handle = compile_layers(model, forced=False) if compile_layers is not None else None
+    if handle is not None:
+        info["compiled_with"] = "job.train.compile.compile_layers"
+    else:
+        for layer in layers:
+            layer.compile()
+        info["compiled_with"] = "nn.Module.compile per decoder layer"
+    try:
+        yield info
+    finally:  # the next run of the same model is eager again
+        info["compile_failure"] = getattr(handle, "failure", None)
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+
+def recomputed_layers(model: Any) -> tuple[int, int]:
+    """(decoder layers that recompute their forward, decoder layers), read from the model's own flags."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5.24's name
+    on = getattr(model, "is_gradient_checkpointing", False) if on is None else on
+    return (sum(bool(layer.gradient_checkpointing) for layer in layers) if on else 0), len(layers)
 
 
 def sync(device: torch.device) -> None:
@@ -234,24 +305,26 @@ def free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _train_steps(
-    model: Any,
-    optimizer_name: str,
-    args: argparse.Namespace,
-    seq: int,
-    device: torch.device,
-    fused_head: bool,
-    compiled: bool,
-    step_seconds: list[float],
-    losses: list[float],
-) -> None:
+def timed_step(optimizer: torch.optim.Optimizer, device: torch.device) -> Callable[[], float]:
+    """Run optimizer.step(); return a function giving its milliseconds (CUDA events: read after a sync)."""
+    if device.type != "cuda":
+        started = time.perf_counter()
+        optimizer.step()
+        ms = (time.perf_counter() - started) * 1000
+        return lambda: ms
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    optimizer.step()
+    end.record()
+    return lambda: begin.elapsed_time(end)
+
+
+def _train_steps(model: Any, optimizer_name: str, run: dict[str, Any], args: argparse.Namespace,
+                 device: torch.device, fused_head: bool, figures: dict[str, list[float]]) -> None:  # fmt: skip
     """Warm-up then timed optimizer steps; its own frame, so an OOM frees every tensor it made."""
+    batch, accum, seq = run["batch"], run["accum"], run["seq"]
     gen = torch.Generator(device="cpu").manual_seed(seq)
-    batches = [
-        torch.randint(0, model.config.vocab_size, (args.batch, seq), generator=gen).to(device)
-        for _ in range(args.accum)
-    ]
-    forward = torch.compile(model) if compiled else model
+    batches = [torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen).to(device) for _ in range(accum)]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(optimizer_name, model, device)
     kwargs = {"fused_lm_head": True} if fused_head else {}
@@ -260,17 +333,21 @@ def _train_steps(
         started = time.perf_counter()
         total = torch.zeros((), device=device)
         for ids in batches:
-            out = forward(input_ids=ids, labels=ids, **kwargs)
-            (out.loss / args.accum).backward()
-            total += out.loss.detach() / args.accum
+            out = model(input_ids=ids, labels=ids, **kwargs)
+            (out.loss / accum).backward()
+            total += out.loss.detach() / accum
             del out
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimizer_ms = timed_step(optimizer, device)
         optimizer.zero_grad(set_to_none=True)
         sync(device)
-        if step >= args.warmup:
-            step_seconds.append(time.perf_counter() - started)
-            losses.append(round(float(total), 4))
+        seconds = time.perf_counter() - started
+        if step < args.warmup:
+            figures["warmup_seconds"].append(seconds)  # the first includes compilation
+        else:
+            figures["step_seconds"].append(seconds)
+            figures["losses"].append(round(float(total), 4))
+            figures["optimizer_ms"].append(optimizer_ms())
 
 
 def run_one(
@@ -280,6 +357,8 @@ def run_one(
     optimizer_name: str,
     fast: FastPath,
     seq: int,
+    batch: int,
+    accum: int,
     args: argparse.Namespace,
     device: torch.device,
     peak_flops: float | None,
@@ -288,26 +367,28 @@ def run_one(
 ) -> dict[str, Any]:
     """Warm-up and timed optimizer steps of one recipe at one length; every figure of the run."""
     cfg = model.config
-    layers = int(cfg.num_hidden_layers)
     set_attention(model, fast.attn_implementation)
     if device.type == "cuda":
         enable_tf32(fast.tf32)
     apply_activation_checkpointing(model, fast)
+    recomputed, layers = recomputed_layers(model)
     shape = flops.flop_shape(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     embedding = 0 if cfg.tie_word_embeddings else model.get_input_embeddings().weight.numel()
     model_fpt = flops.flops_per_token(shape, n_params, seq, embedding_params=embedding)
     full_recompute_fpt = flops.flops_per_token(shape, n_params, seq, embedding_params=embedding, recompute=True)
-    hardware_fpt = model_fpt + recomputed_fraction(fast, layers) * (full_recompute_fpt - model_fpt)
+    hardware_fpt = model_fpt + recomputed / max(layers, 1) * (full_recompute_fpt - model_fpt)
     record: dict[str, Any] = {
         "recipe": recipe + ("+compile" if compiled else ""),
         "seq": seq,
-        "batch": args.batch,
-        "accum": args.accum,
-        "tokens_per_step": args.batch * seq * args.accum,
+        "batch": batch,
+        "accum": accum,
+        "tokens_per_step": batch * seq * accum,
         "attention": fast.attn_implementation,
         "tf32": fast.tf32,
         "checkpointing": fast.checkpointing_mode,
+        "recomputed_layers": recomputed,
+        "layers": layers,
         "optimizer": optimizer_name,
         "loss_head": "trl_fused" if fused_head else "model",
         "compile": compiled,
@@ -317,11 +398,12 @@ def run_one(
         "hardware_flops_per_token": hardware_fpt,
     }
     free(device)
-    step_seconds: list[float] = []
-    losses: list[float] = []
+    figures: dict[str, list[float]] = {"step_seconds": [], "warmup_seconds": [], "losses": [], "optimizer_ms": []}
     try:
-        _train_steps(model, optimizer_name, args, seq, device, fused_head, compiled, step_seconds, losses)
-        record["status"] = "ok"
+        with compiled_layers(model, compiled) as how:
+            _train_steps(model, optimizer_name, record, args, device, fused_head, figures)
+        record.update(how)
+        record["status"] = "ok" if not how.get("compile_failure") else "ok (compile failed: eager)"
     except torch.OutOfMemoryError:
         record["status"] = "oom"
     except Exception as exc:  # keep the other runs; the JSON says what broke
@@ -334,8 +416,12 @@ def run_one(
         record["peak_allocated_gib"] = record["peak_reserved_gib"] = None
     model.zero_grad(set_to_none=True)
     free(device)
+    step_seconds = figures["step_seconds"]
     record["step_seconds"] = [round(s, 4) for s in step_seconds]
-    record["losses"] = losses
+    record["warmup_seconds"] = [round(s, 2) for s in figures["warmup_seconds"]]
+    record["losses"] = figures["losses"]
+    record["optimizer_step_ms"] = [round(ms, 2) for ms in figures["optimizer_ms"]]
+    record["optimizer_ms"] = round(statistics.median(figures["optimizer_ms"]), 2) if figures["optimizer_ms"] else None
     if step_seconds:
         tps = record["tokens_per_step"] * len(step_seconds) / sum(step_seconds)
         record["tokens_per_second"] = round(tps, 1)
@@ -457,26 +543,77 @@ def fsdp2_check(device: torch.device) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------- report
+# ---------------------------------------------------------------- targets and report
+
+
+def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets for each default-recipe run that finished, beside the seed at the same length."""
+    found = []
+    for run in runs:
+        if not run["recipe"].startswith("default") or run["status"] != "ok":
+            continue
+        seed = next((r for r in runs if r["recipe"] == "seed" and r["seq"] == run["seq"] and r["status"] == "ok"), None)
+        speedup = None
+        if seed and seed["tokens_per_second"] and run["tokens_per_second"]:
+            speedup = round(run["tokens_per_second"] / seed["tokens_per_second"], 3)
+        checks = {
+            "mfu": (run["mfu"], TARGET_MFU.get(run["seq"]), ">="),
+            "speedup_vs_seed": (speedup, TARGET_SPEEDUP, ">="),
+            "peak_gib": (run["peak_allocated_gib"], TARGET_PEAK_GIB, "<="),
+            "optimizer_ms": (run["optimizer_ms"], TARGET_OPTIMIZER_MS, "<="),
+        }
+        result = {"recipe": run["recipe"], "seq": run["seq"]}
+        for name, (value, target, op) in checks.items():
+            ok = None if value is None or target is None else (value >= target if op == ">=" else value <= target)
+            result[name] = {"value": value, "target": target, "op": op, "pass": ok}
+        found.append(result)
+    return found
 
 
 def _fmt(value: Any, pattern: str) -> str:
     return "n/a" if value is None else format(value, pattern)
 
 
+def target_lines(found: list[dict[str, Any]], dry_run: bool) -> list[str]:
+    patterns = {"mfu": ("MFU", ".1%"), "speedup_vs_seed": ("x seed", ".2f"), "peak_gib": ("peak GiB", ".1f"),
+                "optimizer_ms": ("optimizer ms", ".1f")}  # fmt: skip
+    note = " (dry run: CPU figures, meaningless)" if dry_run else ""
+    lines = [f"targets, default recipe beside the seed{note}:"]
+    for t in found:
+        cells = []
+        for key, (label, pattern) in patterns.items():
+            c = t[key]
+            verdict = {True: "pass", False: "FAIL", None: "n/a"}[c["pass"]]
+            target = _fmt(c["target"], pattern)
+            cells.append(f"{label} {_fmt(c['value'], pattern)} {c['op']} {target} {verdict}")
+        lines.append(f"  {t['recipe']} {t['seq']}: " + "; ".join(cells))
+    return lines
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     head = (
-        f"{'recipe':<16}{'seq':>6}  {'attention':<18}{'ckpt':<9}{'optimizer':<19}"
-        f"{'tokens/s':>10}{'MFU':>7}{'HFU':>7}{'peak GiB':>10}{'reserved':>10}  status"
+        f"{'recipe':<16}{'seq':>6}  {'batch':<6}{'ckpt':<9}{'optimizer':<19}"
+        f"{'tokens/s':>10}{'MFU':>7}{'HFU':>7}{'peak GiB':>10}{'opt ms':>8}  status"
     )
     lines = [head, "-" * len(head)]
     for r in runs:
+        split = f"{r['batch']}x{r['accum']}"
         lines.append(
-            f"{r['recipe']:<16}{r['seq']:>6}  {r['attention']:<18}{r['checkpointing']:<9}{r['optimizer']:<19}"
+            f"{r['recipe']:<16}{r['seq']:>6}  {split:<6}{r['checkpointing']:<9}{r['optimizer']:<19}"
             f"{_fmt(r['tokens_per_second'], ',.0f'):>10}{_fmt(r['mfu'], '.1%'):>7}{_fmt(r['hfu'], '.1%'):>7}"
-            f"{_fmt(r['peak_allocated_gib'], '.1f'):>10}{_fmt(r['peak_reserved_gib'], '.1f'):>10}  {r['status'][:40]}"
+            f"{_fmt(r['peak_allocated_gib'], '.1f'):>10}{_fmt(r['optimizer_ms'], '.1f'):>8}  {r['status'][:40]}"
         )
     return "\n".join(lines)
+
+
+def pretend_card(values: dict[str, Any], info: DeviceInfo, seq: int) -> int:
+    """Dry run: a card just large enough that the planner keeps some layers' activations at the seed's batch."""
+    budget, _ = checkpoint_budget(
+        values, replace(info, kind="cuda", memory_bytes=1 << 40), dtype="bfloat16", optimizer=DEFAULT_OPTIMIZER,
+        batch=SEED_BATCH, seq=seq,
+    )  # fmt: skip
+    assert budget is not None
+    return int((budget.full_bytes + 0.75 * (budget.none_bytes - budget.full_bytes)) / MEMORY_TARGET)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("no CUDA device: run on a GPU, or use --dry-run", file=sys.stderr)
         return 2
+    from job.logs import setup_logging
+
+    setup_logging(json_mode=True, level="WARNING")  # the fast path's decision goes to the JSON, not the console
     torch.manual_seed(0)
     values = TINY if args.dry_run else MISTRAL_7B_V03
     cap = cap_memory(device, not args.no_cap)
@@ -501,38 +641,53 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":  # forked before this process starts torch's thread pools (a fork after them hangs)
         fsdp = fsdp2_check(device) if args.fsdp_check else {"status": "skipped", "world_size": None, "backend": None}
         print(f"fsdp2 sharded save/restore: {fsdp['status']} (world {fsdp['world_size']}, {fsdp['backend']})")
+    else:
+        fsdp = {"status": "pending", "world_size": None, "backend": None}
 
     model = build_model(values, device)
+    model_dir = Path(tempfile.mkdtemp(prefix="gpu-throughput-config-"))
+    model.config.save_pretrained(model_dir)  # what the job's planner reads: config.json
     head = add_loss_head(model)
     fused = head == "trl_fused"
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, loss head {head}")
     runs: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "dry_run": args.dry_run,
+        "environment": env,
+        "memory_cap_mib": cap // MiB if cap else None,
+        "peak_bf16_flops": peak_flops,
+        "model": dict(values),
+        "settings": {"warmup_steps": args.warmup, "timed_steps": args.steps, "lr": LR, "compile": args.compile},
+        "runs": runs,
+    }
+
+    def save() -> None:
+        result.update(targets=targets(runs), fsdp2_check=fsdp, wall_seconds=round(time.perf_counter() - started, 1))
+        result["settings"]["loss_head"] = head
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
     for seq in args.seq:
-        pretend = None
-        if args.dry_run:  # a pretend card on which the planner picks selective recomputation: exercises that path
-            budget, _ = checkpoint_budget(
-                values,
-                replace(info, kind="cuda", memory_bytes=1 << 40),
-                dtype="bfloat16",
-                optimizer=DEFAULT_OPTIMIZER,
-                batch=args.batch,
-                seq=seq,
-            )
-            assert budget is not None
-            pretend = int((budget.full_bytes + 0.75 * (budget.none_bytes - budget.full_bytes)) / MEMORY_TARGET)
-        plans: list[tuple[str, str, FastPath, bool]] = []
+        pretend = pretend_card(values, info, seq) if args.dry_run else None
+        plans: list[tuple[str, str, FastPath, bool, tuple[int, int]]] = []
         if "seed" in args.recipes:
-            plans.append(("seed", SEED_OPTIMIZER, seed_fast_path(info), False))
+            plans.append(("seed", SEED_OPTIMIZER, seed_fast_path(info), False, (args.batch or 2, args.accum or 8)))
         if "default" in args.recipes:
-            fast = default_fast_path(info, values, args.batch, seq, pretend)
-            plans.append(("default", DEFAULT_OPTIMIZER, fast, False))
-            if args.compile:
-                plans.append(("default", DEFAULT_OPTIMIZER, fast, True))
-        for recipe, optimizer_name, fast, compiled in plans:
-            common = {"seq": seq, "args": args, "device": device, "peak_flops": peak_flops, "fused_head": fused}
+            fast = default_fast_path(info, model_dir, seq, args, pretend)
+            split = batch_split(fast, args)
+            compiles = {"auto": [fast.compile and device.type == "cuda"], "off": [False], "both": [False, True]}
+            for compiled in compiles[args.compile]:
+                plans.append(("default", DEFAULT_OPTIMIZER, fast, bool(compiled), split))
+        for recipe, optimizer_name, fast, compiled, (batch, accum) in plans:
+            common = {"seq": seq, "batch": batch, "accum": accum, "args": args, "device": device,
+                      "peak_flops": peak_flops, "fused_head": fused}  # fmt: skip
             record = run_one(
                 model, recipe=recipe, optimizer_name=optimizer_name, fast=fast, compiled=compiled, **common
             )
+            if record["status"].startswith("error") and compiled:  # the compiler failed here: eager, said so
+                runs.append(record)
+                record = run_one(model, recipe=recipe, optimizer_name=optimizer_name, fast=fast, **common)
             if record["status"].startswith("error") and fused:  # TRL's head failed here: fall back, say so
                 print(f"  TRL's fused LM head failed ({record['status']}); using the model's own loss")
                 del model.forward  # add_fused_lm_head set it on the instance
@@ -543,41 +698,23 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {record['recipe']} seq {seq}: {record['status']}, {_fmt(record['tokens_per_second'], ',.0f')} tok/s"
             )
-            if record["status"] == "oom" and fast.checkpointing_mode != "full":
-                full = replace(fast, checkpoint_every_n_layers=1, activation_checkpointing=True)
-                retry = run_one(model, recipe=recipe + "(full)", optimizer_name=optimizer_name, fast=full, **common)
-                runs.append(retry)
+            if record["status"] == "oom" and record["recomputed_layers"] < record["layers"]:
+                full = full_recompute(fast)
+                runs.append(
+                    run_one(model, recipe=recipe + "(full)", optimizer_name=optimizer_name, fast=full, **common)
+                )
+            save()
 
     del model
     free(device)
     if device.type == "cuda":  # after the throughput runs (they matter most), with the 7B model freed
         fsdp = fsdp2_check(device) if args.fsdp_check else {"status": "skipped", "world_size": None, "backend": None}
         print(f"fsdp2 sharded save/restore: {fsdp['status']} (world {fsdp['world_size']}, {fsdp['backend']})")
-
-    result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "dry_run": args.dry_run,
-        "environment": env,
-        "memory_cap_mib": cap // MiB if cap else None,
-        "peak_bf16_flops": peak_flops,
-        "model": {k: v for k, v in values.items()},
-        "settings": {
-            "batch": args.batch,
-            "accum": args.accum,
-            "warmup_steps": args.warmup,
-            "timed_steps": args.steps,
-            "lr": LR,
-            "loss_head": head,
-        },
-        "runs": runs,
-        "fsdp2_check": fsdp,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save()
     print(f"wrote {args.out} ({result['wall_seconds']} s)")
+    print("\n".join(target_lines(result["targets"], args.dry_run)))
     print(table(runs))
-    ok = all(r["status"] in ("ok", "oom") for r in runs) and fsdp["status"] in ("ok", "skipped")
+    ok = all(r["status"] in ("ok", "oom") or r["compile"] for r in runs) and fsdp["status"] in ("ok", "skipped")
     return 0 if ok else 1
 
 

@@ -1,4 +1,4 @@
-"""bench/gpu_throughput.py --dry-run: every code path of the GPU benchmark on CPU, as a subprocess."""
+"""The GPU benchmarks' dry runs on CPU, as subprocesses: bench/gpu_throughput.py and bench/gpu_job.py."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "gpu_throughput.py"
+JOB_BENCH = REPO / "bench" / "gpu_job.py"
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
-    out = tmp_path_factory.mktemp("gpu_bench") / "result.json"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+def _dry_run(script: Path, out: Path) -> tuple[dict[str, Any], str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SFT_")}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--dry-run", "--out", str(out)],
+        [sys.executable, str(script), "--dry-run", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -33,6 +33,16 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], s
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    return _dry_run(BENCH, tmp_path_factory.mktemp("gpu_bench") / "result.json")
+
+
+@pytest.fixture(scope="module")
+def job_dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    return _dry_run(JOB_BENCH, tmp_path_factory.mktemp("gpu_job") / "result.json")
+
+
 def test_dry_run_measures_both_recipes_at_both_lengths(dry_run: tuple[dict[str, Any], str]) -> None:
     result, _ = dry_run
     assert result["dry_run"] is True
@@ -40,22 +50,37 @@ def test_dry_run_measures_both_recipes_at_both_lengths(dry_run: tuple[dict[str, 
     assert set(runs) == {("seed", 32), ("seed", 64), ("default", 32), ("default", 64)}
     for run in runs.values():
         assert run["status"] == "ok"
-        assert run["tokens_per_step"] == result["settings"]["batch"] * run["seq"] * result["settings"]["accum"]
+        assert run["tokens_per_step"] == run["batch"] * run["seq"] * run["accum"]
+        assert run["batch"] * run["accum"] == 16  # the same examples per optimizer step as the seed's 2 x 8
         assert run["tokens_per_second"] > 0 and len(run["step_seconds"]) == result["settings"]["timed_steps"]
+        assert len(run["optimizer_step_ms"]) == len(run["step_seconds"]) and run["optimizer_ms"] > 0
         assert all(loss == loss and 0 < loss < 20 for loss in run["losses"])  # finite, near ln(vocab)
         assert run["mfu"] is None and run["hfu"] is None  # no peak FLOP/s for a CPU: never a made-up figure
         assert run["hardware_flops_per_token"] >= run["model_flops_per_token"] > 0
     seed, default = runs[("seed", 32)], runs[("default", 32)]
-    assert (seed["optimizer"], seed["checkpointing"]) == ("adamw_torch_fused", "full")
+    assert (seed["optimizer"], seed["checkpointing"], seed["batch"]) == ("adamw_torch_fused", "full", 2)
+    assert seed["recomputed_layers"] == seed["layers"] == 4
     assert default["optimizer"] == "adamw_kahan"
     # The pretend card of the dry run makes the planner keep some layers' activations: the selective path runs.
-    assert default["checkpointing"].startswith("every_")
+    assert 0 < default["recomputed_layers"] < default["layers"]
     assert default["hardware_flops_per_token"] < seed["hardware_flops_per_token"]
-    assert (
-        default["planned_peak_gib"] is not None
-        and "planned peak" in default["fast_path_reasons"]["activation_checkpointing"]
-    )
+    assert default["planned_peak_gib"] is not None and "activation_checkpointing" in default["fast_path_reasons"]
     assert result["settings"]["loss_head"] == "trl_fused"  # the job's loss head, as TRL 1.16 computes it
+
+
+def test_dry_run_checks_the_targets_beside_the_seed(dry_run: tuple[dict[str, Any], str]) -> None:
+    result, stdout = dry_run
+    targets = {(t["recipe"], t["seq"]): t for t in result["targets"]}
+    assert set(targets) == {("default", 32), ("default", 64)}
+    runs = {(r["recipe"], r["seq"]): r for r in result["runs"]}
+    for (recipe, seq), target in targets.items():
+        speedup = runs[(recipe, seq)]["tokens_per_second"] / runs[("seed", seq)]["tokens_per_second"]
+        assert target["speedup_vs_seed"]["value"] == pytest.approx(speedup, rel=1e-2)
+        assert target["speedup_vs_seed"]["pass"] is (target["speedup_vs_seed"]["value"] >= 1.25)
+        assert target["optimizer_ms"]["target"] == 60.0 and target["peak_gib"]["target"] == 90.0
+        assert target["mfu"]["pass"] is None and target["peak_gib"]["pass"] is None  # nothing to judge on CPU
+    assert "targets, default recipe beside the seed (dry run" in stdout
+    assert "default 32: MFU n/a" in stdout
 
 
 def test_dry_run_checks_sharded_fsdp2_save_and_restore(dry_run: tuple[dict[str, Any], str]) -> None:
@@ -79,6 +104,45 @@ def test_dry_run_prints_the_table_last(dry_run: tuple[dict[str, Any], str]) -> N
     for row, run in zip(rows, result["runs"], strict=True):
         cells = row.split()
         assert cells[0] == run["recipe"] and int(cells[1]) == run["seq"] and cells[-1] == "ok"
+        assert cells[2] == f"{run['batch']}x{run['accum']}"
         assert cells[5] == f"{run['tokens_per_second']:,.0f}" and cells[6:8] == ["n/a", "n/a"]
-    for column in ("tokens/s", "MFU", "HFU", "peak GiB"):
+        assert cells[9] == f"{run['optimizer_ms']:.1f}"
+    for column in ("tokens/s", "MFU", "HFU", "peak GiB", "opt ms"):
         assert column in lines[header]
+
+
+def test_job_dry_run_preempts_resumes_and_matches_the_uninterrupted_run(job_dry_run) -> None:
+    """The real entrypoint: uninterrupted 0, SIGTERM after a checkpoint 75 within the grace budget, restart 0,
+    and on CPU in float32 the resumed run's final weights and losses equal the uninterrupted run's."""
+    result, _ = job_dry_run
+    resume = result["resume"]
+    assert (resume["exit_uninterrupted"], resume["exit_sigterm"], resume["exit_restart"]) == (0, 75, 0)
+    assert resume["sigterm_to_exit_seconds"] <= resume["grace_seconds"] == 25.0
+    assert resume["resumed_from_step"] >= result["settings"]["every"]
+    assert resume["max_abs_dw"] == 0.0 and resume["max_abs_w"] > 0
+    assert resume["losses_equal"] is True and len(resume["losses_b"]) == result["settings"]["steps"]
+    assert result["settings"]["every"] in resume["checkpoints"]["saved_steps"]
+    assert all(checks for checks in result["checks"].values())
+
+
+def test_job_dry_run_reads_the_default_configs_step_lines(job_dry_run) -> None:
+    result, _ = job_dry_run
+    big = result["7b"]
+    assert big["exit_code"] == 75  # SIGTERM before any checkpoint: stops at once
+    assert big["config"]["train"] == {"max_steps": big["config"]["train"]["max_steps"], "logging_steps": 1}
+    assert set(big["config"]["model"]) == {"source"}  # the default config: dtype, optimizer, batch untouched
+    assert len(big["steps"]) >= result["settings"]["big_steps"] and big["tokens_per_second"] > 0
+    assert big["fast_path"]["activation_checkpointing"] and big["fast_path"]["attention"] == "sdpa"
+    assert result["memory_cap"]["applied"] is False and result["environment"]["dry_run"] is True
+
+
+def test_job_dry_run_prints_its_table_last(job_dry_run) -> None:
+    result, stdout = job_dry_run
+    lines = stdout.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("figure"))
+    body = lines[header + 2 :]
+    assert any(line.startswith("resume: max |dw| vs uninterrupted") and line.split()[-1] == "0" for line in body)
+    assert any(line.startswith("resume: exits A") and line.endswith(" 0 / 75 / 0") for line in body)
+    checks = [line for line in body if line.startswith("check: ")]
+    assert len(checks) == len(result["checks"]) and all(line.endswith(" ok") for line in checks)
+    assert body[-1] == checks[-1]  # nothing printed after the table

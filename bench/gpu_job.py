@@ -1,0 +1,572 @@
+"""The real job on a GPU: `entrypoint.py train` preempted and resumed, then the 7B architecture for a few steps.
+
+No harness: each run is the job itself in a subprocess (JSON logs read from its stderr), on a randomly
+initialised Mistral-architecture model saved as safetensors with the Mistral v3 tokenizer, local chat data
+and a local store. Two parts (`--only` runs one):
+
+- `resume`: a ~1.2B model (hidden 2048, 22 layers: its 9.4 GB checkpoints leave room on a 64 GiB disk).
+  Run A trains N optimizer steps uninterrupted (a checkpoint every k); run B, same config, gets SIGTERM
+  once checkpoint k is saved and must exit 75 within `checkpoint.grace_seconds`, then restarts and exits 0.
+  Reported: max |dw| between the two final models (GPU kernels need not be bitwise), whether the per-step
+  losses match, each checkpoint's blocked seconds, and the compile lines of each start.
+- `7b`: Mistral-7B-v0.3's architecture (random, ~14.5 GB of bf16 safetensors, built after the resume
+  part's files are gone) through the job with the DEFAULT config (only data, model, output, scratch,
+  max_steps and logging_steps set) for a few optimizer steps, then SIGTERM before any checkpoint (a 58 GB
+  checkpoint does not fit a 64 GiB disk): tokens/s, MFU and peak memory from the job's own step lines, and
+  its `fast_path` decisions.
+
+On a card larger than 96 GB the job is capped at 97,887 MiB through `PYTORCH_CUDA_ALLOC_CONF=
+per_process_memory_fraction:F` when this torch honours it and the job's planner sees the cap; otherwise
+it runs uncapped and the JSON says so. `--dry-run` runs the same flow on CPU with a tiny model (float32
+for the resume part: bitwise, max |dw| 0.0) in well under a minute. Prints a short table last, writes
+every figure as JSON (`--out`) and exits non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CARD_96GB_MIB = 97_887
+MiB, GiB = 1 << 20, 1 << 30
+RESUME_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128}  # fmt: skip
+TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}  # fmt: skip
+WORDS = (
+    "the of and to in is was for on that with as by at from his it an were are which be this has had not but "
+    "their its or also first after one new two who they been more other her into time only most some years she "
+    "over him when city all up between out during where about later three then than world there used can both "
+    "would many such while including under known these made school state war through well part may them before"
+)
+# The job as it starts, reading a disk that reports `extra` more free bytes: only the 7B part on a disk too
+# small for the default run's three 58 GB checkpoints (it stops before writing any).
+RUN_WITH_EXTRA_FREE = """
+import runpy, shutil, sys
+extra, real = int(sys.argv.pop(1)), shutil.disk_usage
+shutil.disk_usage = lambda path: type(real(path))(real(path).total + extra, real(path).used, real(path).free + extra)
+sys.argv[0] = {entry!r}
+runpy.run_path({entry!r}, run_name="__main__")
+"""
+
+
+class Interrupted(Exception):
+    """SIGTERM to this script (its time limit): stop the job in flight, keep what was measured."""
+
+
+class Job:
+    """`entrypoint.py train` in its own process group; its JSON log lines collected as they come."""
+
+    live: ClassVar[list[Job]] = []
+    """Jobs started and not yet waited for: killed (with their process groups) if this script is stopped."""
+
+    def __init__(self, config: Path, env: dict[str, str], extra_free: int | None = None) -> None:
+        entry = str(REPO / "entrypoint.py")
+        args = ["train", "--config", str(config)]
+        if extra_free is None:
+            argv = [sys.executable, entry, *args]
+        else:
+            argv = [sys.executable, "-c", RUN_WITH_EXTRA_FREE.format(entry=entry), str(extra_free), *args]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        self.lines: list[dict[str, Any]] = []
+        self.tail: list[str] = []
+        self.signalled: float | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        Job.live.append(self)
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.tail = [*self.tail[-30:], raw]
+            with contextlib.suppress(json.JSONDecodeError):
+                line = json.loads(raw)
+                if isinstance(line, dict):
+                    line["_t"] = round(time.monotonic() - self.started, 3)
+                    self.lines.append(line)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in list(self.lines) if line.get("event") == name]
+
+    def first(self, name: str) -> dict[str, Any]:
+        """The first line of event `name` so far ({} if none)."""
+        return next(iter(self.events(name)), {})
+
+    def wait_for(self, event: str, timeout: float, count: int = 1, **fields: Any) -> dict[str, Any] | None:
+        """The `count`-th line of `event` with `fields`; None if the job ended or time ran out first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [e for e in self.events(event) if all(e.get(k) == v for k, v in fields.items())]
+            if len(found) >= count:
+                return found[count - 1]
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                return None
+            time.sleep(0.02)
+        return None
+
+    def terminate(self) -> None:
+        self.signalled = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)  # the job itself; it settles its own workers
+
+    def wait(self, timeout: float) -> int:
+        """Exit code; a job past `timeout` is killed with its process group (-9)."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.proc.wait()
+        self._reader.join(timeout=10)
+        with contextlib.suppress(ValueError):
+            Job.live.remove(self)
+        return code
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def exit_seconds(self) -> float | None:
+        """Seconds from SIGTERM to exit."""
+        return None if self.signalled is None else round(time.monotonic() - self.signalled, 2)
+
+    def timeline(self) -> dict[str, float]:
+        """Seconds after start of the first line of each phase (where the time of a start goes)."""
+        marks = ("data_ready", "model_loaded", "training_started", "step", "preemption_signal", "run_finished")
+        seen: dict[str, float] = {}
+        for line in list(self.lines):
+            if line.get("event") in marks:
+                seen.setdefault(line["event"], line["_t"])
+        return {**seen, "last_line": self.lines[-1]["_t"] if self.lines else None}
+
+    def compile_lines(self) -> list[dict[str, Any]]:
+        return [_public(e) for e in self.lines if "compile" in str(e.get("event", ""))]
+
+    def error_tail(self) -> str:
+        return "".join(self.tail)[-3000:]
+
+
+def _public(line: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in line.items() if k not in ("run", "level", "logger", "timestamp")}
+
+
+# ---------------------------------------------------------------- inputs: model, data, config
+
+
+def build_model(directory: Path, values: dict[str, Any], *, device: str, dtype: str) -> int:
+    """A randomly initialised Mistral-architecture model with the Mistral v3 tokenizer; its parameter count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from job.model.tiny import write_tokenizer
+
+    write_tokenizer(directory)
+    values = {"vocab_size": 32768, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, **values}  # fmt: skip
+    values.pop("architectures", None)
+    config = AutoConfig.for_model(values.pop("model_type", "mistral"), **values)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.generation_config.bos_token_id, model.generation_config.eos_token_id = 1, 2
+    model.save_pretrained(directory)
+    count = sum(p.numel() for p in model.parameters())
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return count
+
+
+def write_data(path: Path, records: int, words: int) -> Path:
+    """Chat records with a short prompt and a long answer: nearly every token is trained (tokens/s counts
+    trained tokens), and answers longer than `data.max_length` fill whole rows."""
+    rng, vocabulary = random.Random(0), WORDS.split()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for i in range(records):
+            answer = " ".join(rng.choice(vocabulary) for _ in range(words))
+            messages = [{"role": "user", "content": f"Write passage {i}."}, {"role": "assistant", "content": answer}]
+            out.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def write_config(path: Path, values: dict[str, dict[str, Any]]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def job_env(base: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if not k.startswith("SFT_")}
+    env.update({"SFT_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+# ---------------------------------------------------------------- the card and its memory cap
+
+
+def _python(code: str, env: dict[str, str]) -> dict[str, Any] | None:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    with contextlib.suppress(json.JSONDecodeError, IndexError):
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    return None
+
+
+PROBE = """
+import json, torch
+torch.zeros(1, device="cuda")
+from job.train.fastpath import detect_device
+print(json.dumps({"total": torch.cuda.get_device_properties(0).total_memory,
+                  "fraction": torch.cuda.get_per_process_memory_fraction(0), "job_sees": detect_device().memory_bytes}))
+"""
+
+
+def memory_cap(env: dict[str, str], enabled: bool) -> dict[str, Any]:
+    """Cap the job at the 96 GB card's 97,887 MiB (updates `env`) when torch and the job both honour it."""
+    plain = _python(PROBE, env)
+    if plain is None:
+        return {"applied": False, "why": "no CUDA device answered the probe"}
+    cap = CARD_96GB_MIB * MiB
+    info: dict[str, Any] = {"applied": False, "card_mib": plain["total"] // MiB, "cap_mib": CARD_96GB_MIB}
+    if not enabled or plain["total"] <= cap:
+        return {**info, "why": "disabled" if not enabled else "the card is not larger than 96 GB"}
+    fraction = round(cap / plain["total"], 6)
+    conf = ",".join(filter(None, [env.get("PYTORCH_CUDA_ALLOC_CONF"), f"per_process_memory_fraction:{fraction}"]))
+    capped = _python(PROBE, {**env, "PYTORCH_CUDA_ALLOC_CONF": conf})
+    info.update(fraction=fraction, torch_honours=bool(capped and abs(capped["fraction"] - fraction) < 1e-4))
+    info["job_plans_for_mib"] = capped["job_sees"] // MiB if capped else None
+    if not info["torch_honours"]:
+        return {**info, "why": "this torch has no per_process_memory_fraction in PYTORCH_CUDA_ALLOC_CONF: uncapped"}
+    if capped["job_sees"] > cap * 1.001:
+        return {**info, "why": "the job's planner reads the whole card, not the cap (it would plan past it): uncapped"}
+    env["PYTORCH_CUDA_ALLOC_CONF"] = conf
+    return {**info, "applied": True, "why": f"PYTORCH_CUDA_ALLOC_CONF={conf}"}
+
+
+def environment(dry_run: bool) -> dict[str, Any]:
+    env: dict[str, Any] = {"python": platform.python_version(), "host": platform.node(), "dry_run": dry_run}
+    for name in ("torch", "transformers", "trl", "datasets", "accelerate", "safetensors", "flash-attn", "liger-kernel"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            env[name] = metadata.version(name)
+    with contextlib.suppress(Exception):
+        query = "--query-gpu=name,driver_version,memory.total"
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        name, driver, memory = (part.strip() for part in out.stdout.splitlines()[0].split(","))
+        env.update(gpu=name, driver=driver, gpu_memory=memory)
+    return env
+
+
+# ---------------------------------------------------------------- part 1: SIGTERM, resume, compare
+
+
+def final_weights(run_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    weights: dict[str, Any] = {}
+    for path in sorted((run_dir / "final").glob("*.safetensors")):
+        weights.update(load_file(path))
+    return weights
+
+
+def compare_runs(a: Path, b: Path) -> dict[str, Any]:
+    wa, wb = final_weights(a), final_weights(b)
+    if not wa or wa.keys() != wb.keys():
+        return {"max_abs_dw": None, "tensors": len(wa), "note": "final weights missing or keys differ"}
+    dw = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    scale = max(float(t.float().abs().max()) for t in wa.values())
+    la = json.loads((a / "final" / "metrics.json").read_text())["loss_per_step"]
+    lb = json.loads((b / "final" / "metrics.json").read_text())["loss_per_step"]
+    same_steps = [s for s, _ in la] == [s for s, _ in lb]
+    loss_dev = max((abs(x - y) for (_, x), (_, y) in zip(la, lb, strict=False)), default=None)
+    return {"max_abs_dw": dw, "max_abs_w": scale, "tensors": len(wa), "losses_equal": la == lb,
+            "same_steps": same_steps, "max_abs_loss_diff": loss_dev, "losses_a": la, "losses_b": lb}  # fmt: skip
+
+
+def checkpoint_figures(jobs: list[Job]) -> dict[str, Any]:
+    saved = [e for job in jobs for e in job.events("checkpoint_saved_locally")]
+    committed = [e for job in jobs for e in job.events("checkpoint_committed")]
+    return {
+        "saved_steps": [e.get("step") for e in saved],
+        "blocked_seconds": [e.get("blocked_seconds") for e in saved],
+        "save_seconds": [e.get("save_seconds") for e in saved],
+        "upload_seconds": [e.get("upload_seconds") for e in committed],
+        "bytes": max((e.get("bytes") or 0 for e in committed), default=None),
+    }
+
+
+def resume_part(work: Path, args: argparse.Namespace, env: dict[str, str], result: dict[str, Any]) -> None:
+    """Fills `result` as it goes (a part cut short by its time limit keeps what it measured)."""
+    device, dtype = ("cpu", "float32") if args.dry_run else ("cuda", "bfloat16")
+    model_dir = work / "model"
+    params = build_model(model_dir, TINY_SHAPE if args.dry_run else RESUME_SHAPE, device=device, dtype=dtype)
+    max_length = 64 if args.dry_run else 1024
+    data = write_data(work / "data" / "train.jsonl", 64 if args.dry_run else 256, max_length + 100)
+
+    def config(name: str) -> Path:
+        values = {
+            "run": {"name": name, "output": str(work / "store"), "scratch": str(work / "scratch")},
+            "model": {"source": str(model_dir), **({"dtype": "float32"} if args.dry_run else {})},
+            "data": {"train": str(data), "max_length": max_length},
+            "train": {"max_steps": args.steps, "logging_steps": 1},
+            "checkpoint": {"every_steps": args.every, "keep": 1},
+        }
+        if args.dry_run:  # one micro-batch per step: seconds, not minutes, on two CPU cores
+            values["train"].update(per_device_train_batch_size=2, gradient_accumulation_steps=1)
+        return write_config(work / f"{name}.yaml", values)
+
+    result.update(parameters=params, dtype=dtype, max_length=max_length, steps=args.steps, every_steps=args.every)
+
+    limit = args.job_timeout
+    a = Job(config("uninterrupted"), env)
+    result["exit_uninterrupted"] = a.wait(limit)
+    finished = a.first("run_finished")
+    result["tokens_per_second"] = (finished.get("metrics") or {}).get("tokens_per_second")
+    if result["exit_uninterrupted"] != 0:
+        result["error_tail"] = a.error_tail()
+    shutil.rmtree(work / "scratch" / "runs" / "uninterrupted", ignore_errors=True)  # disk room for run B
+
+    b = Job(config("preempted"), env)
+    saved = b.wait_for("checkpoint_saved_locally", limit, step=args.every)
+    grace = float(b.first("config_resolved").get("config", {}).get("checkpoint", {}).get("grace_seconds")
+                  or 25.0)  # fmt: skip
+    if saved is not None and b.proc.poll() is None:
+        b.terminate()
+    result["exit_sigterm"] = b.wait(limit)
+    result["sigterm_to_exit_seconds"] = b.exit_seconds()
+    result["grace_seconds"] = grace
+    result["sigterm_decision"] = b.first("preemption_signal").get("decision")
+    result["newest_durable_step"] = b.first("preempted").get("newest_durable_step")
+    if result["exit_sigterm"] != 75:
+        result["error_tail_sigterm"] = b.error_tail()
+    c = Job(config("preempted"), env)
+    result["exit_restart"] = c.wait(limit)
+    result["resumed_from_step"] = c.first("resuming").get("step")
+    if result["exit_restart"] != 0:
+        result["error_tail_restart"] = c.error_tail()
+    result["checkpoints"] = checkpoint_figures([a, b, c])
+    result["compile_lines"] = {"uninterrupted": a.compile_lines(), "first_start": b.compile_lines(),
+                               "restart": c.compile_lines()}  # fmt: skip
+    result["fast_path"] = _public(a.first("fast_path"))
+    result["timelines"] = {"uninterrupted": a.timeline(), "first_start": b.timeline(), "restart": c.timeline()}
+    if (work / "store" / "uninterrupted" / "final").is_dir() and (work / "store" / "preempted" / "final").is_dir():
+        result.update(compare_runs(work / "store" / "uninterrupted", work / "store" / "preempted"))
+
+
+# ---------------------------------------------------------------- part 2: the 7B architecture, default config
+
+
+def big_part(work: Path, args: argparse.Namespace, env: dict[str, str], result: dict[str, Any]) -> None:
+    from job.plan.memory import MISTRAL_7B_V03
+
+    device = "cpu" if args.dry_run else "cuda"
+    shape = {**MISTRAL_7B_V03, **TINY_SHAPE} if args.dry_run else MISTRAL_7B_V03
+    model_dir = work / "model"
+    params = build_model(model_dir, shape, device=device, dtype="bfloat16")
+    data = write_data(work / "data" / "train.jsonl", 64 if args.dry_run else 256, 40 if args.dry_run else 2300)
+    values = {
+        "run": {"name": "default-7b", "output": str(work / "store"), "scratch": str(work / "scratch")},
+        "model": {"source": str(model_dir)},
+        "data": {"train": str(data)},
+        "train": {"max_steps": args.big_steps + (20 if args.dry_run else 3), "logging_steps": 1},
+    }
+    config = write_config(work / "default-7b.yaml", values)
+    # The job checks for three checkpoints' room (3 x 8 bytes per parameter) before training; it writes none here.
+    need = 3 * 8 * params + 4 * GiB
+    extra = max(0, need - shutil.disk_usage(work).free)
+    result.update(parameters=params, config=values, scratch_free_space_pretended_gib=round(extra / GiB, 1))
+    job = Job(config, env, extra_free=extra)
+    try:
+        line = job.wait_for("step", args.job_timeout, count=args.big_steps)
+        if line is not None and job.proc.poll() is None:
+            job.terminate()  # before the final step's checkpoint: stop without saving
+        result["exit_code"] = job.wait(args.job_timeout)
+    finally:  # also when this part is cut short: what the job logged so far
+        result.update(step_figures(job, args.big_steps))
+
+
+def step_figures(job: Job, wanted: int) -> dict[str, Any]:
+    """Tokens/s, MFU and peak memory from the job's own step lines; its fast_path decisions and compile lines."""
+    keep = ("step", "loss", "tokens_per_second", "mfu", "hfu", "peak_memory_gib", "grad_norm", "_t")
+    steps = [{k: line.get(k) for k in keep} for line in job.events("step")]
+    steady = steps[1:] or steps  # the first step compiles and warms up
+    figures = {
+        "sigterm_to_exit_seconds": job.exit_seconds(),
+        "fast_path": _public(job.first("fast_path")),
+        "compile_lines": job.compile_lines(),
+        "timeline": job.timeline(),
+        "steps": steps,
+        "tokens_per_second": _median([s["tokens_per_second"] for s in steady]),
+        "mfu": _median([s["mfu"] for s in steady]),
+        "hfu": _median([s["hfu"] for s in steady]),
+        "peak_memory_gib": max((s["peak_memory_gib"] for s in steps if s["peak_memory_gib"] is not None), default=None),
+    }
+    if job.proc.returncode not in (0, 75) or len(steps) < wanted:
+        figures["error_tail"] = job.error_tail()
+    return figures
+
+
+def _median(values: list[Any]) -> float | None:
+    present = sorted(v for v in values if v is not None)
+    return present[len(present) // 2] if present else None
+
+
+# ---------------------------------------------------------------- report
+
+
+def checks(result: dict[str, Any]) -> dict[str, bool]:
+    found: dict[str, bool] = {}
+    if r := result.get("resume"):
+        found["uninterrupted run exits 0"] = r.get("exit_uninterrupted") == 0
+        found["SIGTERM after a checkpoint exits 75"] = r.get("exit_sigterm") == 75
+        seconds = r.get("sigterm_to_exit_seconds")
+        found["... within checkpoint.grace_seconds"] = seconds is not None and seconds <= r["grace_seconds"]
+        found["restart resumes and exits 0"] = r.get("exit_restart") == 0 and r.get("resumed_from_step") is not None
+        found["final weights compared"] = r.get("max_abs_dw") is not None
+        if result["dry_run"]:  # float32 on CPU: resume is exact
+            found["CPU resume bitwise (max |dw| 0, same losses)"] = r.get("max_abs_dw") == 0.0 and bool(
+                r.get("losses_equal")
+            )
+    if b := result.get("7b"):
+        found["7B default config trains the asked steps"] = len(b.get("steps", [])) >= result["settings"]["big_steps"]
+        found["7B run stops with 75 on SIGTERM"] = b.get("exit_code") == 75
+    return found
+
+
+def _fmt(value: Any, pattern: str = "") -> str:
+    return "n/a" if value is None else format(value, pattern)
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"{'figure':<46}value", "-" * 72]
+    if r := result.get("resume"):
+        exits = f"{r.get('exit_uninterrupted')} / {r.get('exit_sigterm')} / {r.get('exit_restart')}"
+        ckpt = r.get("checkpoints", {})
+        lines += [
+            f"{'resume: parameters':<46}{r['parameters']:,}",
+            f"{'resume: exits A / B SIGTERM / B restart':<46}{exits}",
+            f"{'resume: SIGTERM to exit s (grace)':<46}{_fmt(r.get('sigterm_to_exit_seconds'))} ({r['grace_seconds']})",
+            f"{'resume: resumed from step':<46}{_fmt(r.get('resumed_from_step'))}",
+            f"{'resume: max |dw| vs uninterrupted':<46}{_fmt(r.get('max_abs_dw'), '.3g')}",
+            f"{'resume: losses equal (max diff)':<46}{r.get('losses_equal')}"
+            f" ({_fmt(r.get('max_abs_loss_diff'), '.3g')})",
+            f"{'resume: checkpoint blocked s':<46}{ckpt.get('blocked_seconds')}",
+            f"{'resume: tokens/s (run A)':<46}{_fmt(r.get('tokens_per_second'), ',.0f')}",
+        ]
+    if b := result.get("7b"):
+        lines += [
+            f"{'7b: parameters':<46}{b['parameters']:,}",
+            f"{'7b: exit (SIGTERM after the steps)':<46}{b['exit_code']}",
+            f"{'7b: steps logged':<46}{len(b['steps'])}",
+            f"{'7b: tokens/s (median after step 1)':<46}{_fmt(b['tokens_per_second'], ',.0f')}",
+            f"{'7b: MFU / HFU':<46}{_fmt(b['mfu'], '.1%')} / {_fmt(b['hfu'], '.1%')}",
+            f"{'7b: peak GiB':<46}{_fmt(b['peak_memory_gib'])}",
+            f"{'7b: checkpointing (fast_path)':<46}{b['fast_path'].get('activation_checkpointing')}",
+        ]
+    for name, ok in result["checks"].items():
+        lines.append(f"{'check: ' + name:<66}{'ok' if ok else 'FAILED'}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model: the same flow in well under a minute")
+    p.add_argument("--only", choices=["resume", "7b"], help="run one part (default: both, resume first)")
+    p.add_argument("--steps", type=int, help="optimizer steps of the resume runs (default 6; 8 in a dry run)")
+    p.add_argument("--every", type=int, default=3, help="checkpoint every k steps; SIGTERM once step k is saved")
+    p.add_argument("--big-steps", type=int, help="step lines to read from the 7B run (default 5; 1 in a dry run)")
+    p.add_argument("--job-timeout", type=float, default=600, help="seconds any one start may take")
+    p.add_argument("--no-cap", action="store_true", help="do not cap GPU memory at the 96 GB card's 97,887 MiB")
+    p.add_argument("--work", type=Path, help="working directory (default: a new temporary one, removed after)")
+    p.add_argument("--out", type=Path, default=Path("gpu_job.json"), help="where the JSON goes")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (8 if args.dry_run else 6)
+    args.big_steps = args.big_steps or (1 if args.dry_run else 5)
+    if not 1 <= args.every < args.steps:
+        p.error("--every must be at least 1 and below --steps")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    env = job_env(dict(os.environ))
+    if args.dry_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    result: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "dry_run": args.dry_run,
+        "environment": environment(args.dry_run),
+        "settings": {"steps": args.steps, "every": args.every, "big_steps": args.big_steps},
+        "memory_cap": {"applied": False, "why": "dry run on CPU"} if args.dry_run else memory_cap(env, not args.no_cap),
+    }
+    print(f"gpu_job: {result['environment'].get('gpu', 'CPU (dry run)')}; memory cap: {result['memory_cap']['why']}")
+
+    def save() -> None:
+        result["checks"] = checks(result)
+        result["wall_seconds"] = round(time.monotonic() - started, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    root = args.work or Path(tempfile.mkdtemp(prefix="gpu-job-"))
+    interrupted = False
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    for name, part in (("resume", resume_part), ("7b", big_part)):
+        if args.only not in (None, name):
+            continue
+        work = root / name
+        shutil.rmtree(work, ignore_errors=True)  # the disk holds one part's files at a time
+        work.mkdir(parents=True)
+        part_started = time.monotonic()
+        result[name] = {}
+        try:
+            part(work, args, env, result[name])
+        except Interrupted:
+            result[name + "_error"] = "stopped by SIGTERM (the time limit), figures so far kept"
+            interrupted = True
+        except Exception as exc:  # keep what the other part measures; the JSON says what broke
+            result[name + "_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        finally:
+            for job in list(Job.live):
+                job.kill()
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"  {name}: {round(time.monotonic() - part_started, 1)} s")
+        save()
+        if interrupted:
+            break
+    if args.work is None:
+        shutil.rmtree(root, ignore_errors=True)
+    save()
+    print(f"wrote {args.out} ({result['wall_seconds']} s)")
+    print(table(result))
+    failed = [k for k in ("resume_error", "7b_error") if k in result]
+    return 0 if result["checks"] and all(result["checks"].values()) and not failed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
