@@ -144,6 +144,7 @@ def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool)
     type=float,
     help="Host RAM to plan checkpoint staging for (default: the pod's limit, detected).",
 )
+@click.option("--gpu-name", help='GPU to plan for, for its peak FLOP/s (e.g. "NVIDIA H200"; default: detected).')
 def plan(
     config_path: str | None,
     overrides: tuple[str, ...],
@@ -151,6 +152,7 @@ def plan(
     gpu_memory_gib: float | None,
     with_data: bool,
     host_memory_gib: float | None,
+    gpu_name: str | None,
 ) -> int:
     """Memory, layers kept, batch split, time and checkpoint staging for the GPU, from config.json (no weights)."""
 
@@ -165,7 +167,9 @@ def plan(
             tokens = prepare(config).train.tokens
         memory = int(gpu_memory_gib * 2**30) if gpu_memory_gib else None
         host = int(host_memory_gib * 2**30) if host_memory_gib else None
-        result = plan_job(config, gpu_memory_bytes=memory, dataset_tokens=tokens, host_memory_bytes=host)
+        result = plan_job(
+            config, gpu_memory_bytes=memory, dataset_tokens=tokens, host_memory_bytes=host, gpu_name=gpu_name
+        )
         click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_plan(result))
         return 0
 

@@ -412,6 +412,7 @@ def plan_job(
     gpu_memory_bytes: int | None = None,
     dataset_tokens: int | None = None,
     host_memory_bytes: int | None = None,
+    gpu_name: str | None = None,
 ) -> dict[str, Any]:
     """`make_plan` for a job config: its layers setting, and the batch split when the user set neither value."""
     train = config.train
@@ -435,6 +436,7 @@ def plan_job(
             checkpointing_layers=str(train.activation_checkpointing_layers),
             split_batch=split and not train.fsdp,
             gpu_memory_bytes=gpu_memory_bytes,
+            gpu_name=gpu_name,
             dataset_tokens=dataset_tokens,
             epochs=epochs or 1.0,
             world_size=world_size(config),
@@ -457,8 +459,8 @@ def refuse_if_it_cannot_fit(plan: dict[str, Any], force: bool) -> None:
         return
     gib = 2**30
     message = (
-        f"the planner estimates {plan['memory_bytes']['total'] / gib:.1f} GiB for this run on "
-        f"{plan['gpu']['name']} ({plan['gpu_memory_bytes'] / gib:.1f} GiB)"
+        f"the planner estimates {plan['memory_bytes']['total'] / gib:.1f} GiB (+ {DEVICE_RESERVE / gib:.0f} GiB for the"
+        f" CUDA context and allocator) for this run on {plan['gpu']['name']} ({plan['gpu_memory_bytes'] / gib:.1f} GiB)"
     )
     if force:
         log.warning("plan_does_not_fit_forced", estimate=message, advice=plan["advice"])

@@ -21,7 +21,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def _layers_line(plan: dict[str, Any]) -> str:
+def _layers_lines(plan: dict[str, Any]) -> list[str]:
     layers = plan["layers"]
     kept, total = layers["kept"], layers["total"]
     if kept == total:
@@ -32,7 +32,7 @@ def _layers_line(plan: dict[str, Any]) -> str:
         first, last = layers["kept_layers"][0], layers["kept_layers"][-1]
         span = f"layers {first}-{last}" if last - first + 1 == kept else f"layers {layers['kept_layers']}"
         which = f"{kept} of {total} keep their activations ({span}), {total - kept} recompute"
-    return f"layers     {which}; {layers['reason']}"
+    return [f"layers     {which}", f"           {layers['reason']}"]
 
 
 def _split_lines(plan: dict[str, Any]) -> list[str]:
@@ -84,7 +84,7 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"training   optimizer {plan['optimizer']}, batch {plan['per_device_batch_size']} x {plan['seq_length']}"
         f" tokens per device",
         f"gpu        {plan['gpu']['name']} ({_SOURCES[plan['gpu']['source']]}): {gpu:.2f} GiB",
-        _layers_line(plan),
+        *_layers_lines(plan),
         *_split_lines(plan),
     ]
     if plan.get("world_size", 1) > 1:
