@@ -153,13 +153,17 @@ def test_async_checkpoint_is_byte_identical_to_trainers_synchronous_save(
     """At step 2 the writer stages the state (or, chunked, writes it at once); right after, in the same on_save,
     Trainer's own synchronous save writes the same state elsewhere. Every file must be equal byte for byte:
     the weights, optimizer.pt (storage sharing kept), scheduler, RNG states, trainer state, config, tokenizer.
-    Only Trainer's pickled training_args.bin is absent (the job drops it from every checkpoint)."""
+    Only Trainer's pickled training_args.bin is absent (the job drops it from every checkpoint). Chunked, the
+    weights come in shards of at most the chunk (Trainer's sharded format): equal tensors, not equal bytes."""
+    import torch
+    from safetensors.torch import load_file
     from transformers import TrainerCallback
 
     from job.durability.staging import StagingPlan
     from job.train.trainer import JobTrainer
 
     sync_dir = tmp_path / "sync"
+    chunk = 10 * 2**20  # the tiny model's weights are 17 MB in float32 (two 8 MB matrices): three shards
 
     class TwinSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -173,13 +177,23 @@ def test_async_checkpoint_is_byte_identical_to_trainers_synchronous_save(
     writer = trainer.checkpoint_writer
     assert writer is not None
     if mode == "chunked":
-        writer.plan = StagingPlan("chunked", 2**30, 2**30, 0.0, "forced by the test")
+        writer.plan = StagingPlan("chunked", chunk, chunk, 0.0, "forced by the test")
     trainer.train()
     assert writer.plan.mode == mode
     assert (writer.staged_step == 4) is (mode == "full")
-    ours, theirs = sha256s(tmp_path / "trainer" / "checkpoint-2"), sha256s(sync_dir / "checkpoint-2")
+    ours_dir, theirs_dir = tmp_path / "trainer" / "checkpoint-2", sync_dir / "checkpoint-2"
+    ours, theirs = sha256s(ours_dir), sha256s(theirs_dir)
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(ours)
+    if mode == "chunked":
+        shards = sorted(ours_dir.glob("model-*.safetensors"))
+        assert len(shards) >= 2 and "model.safetensors.index.json" in ours
+        assert all(shard.stat().st_size <= chunk + 2**16 for shard in shards)  # + the safetensors header
+        weights = {k: v for shard in shards for k, v in load_file(shard).items()}
+        reference = load_file(theirs_dir / "model.safetensors")
+        assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+        ours = {k: v for k, v in ours.items() if not k.startswith("model")}
+        theirs.pop("model.safetensors")
     assert set(theirs) - set(ours) == {"training_args.bin"}
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(ours)
     different = [name for name in ours if ours[name] != theirs[name]]
     assert not different, f"differ from Trainer's synchronous save: {different}"
     assert not list((tmp_path / "trainer").glob("*.partial-*"))
