@@ -53,17 +53,18 @@ ENV UV_COMPILE_BYTECODE=1 \
 
 WORKDIR /src
 
-# Dependencies first (cached until uv.lock or pyproject.toml change), exactly as locked.
+# Dependencies first (cached until uv.lock or pyproject.toml change), exactly as locked. The `liger` extra:
+# Liger's Triton kernels (model.liger_kernels), installed here so nothing is fetched at run time.
 RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
     --mount=type=bind,source=uv.lock,target=uv.lock \
-    uv sync --locked --no-dev --no-install-project
+    uv sync --locked --no-dev --extra liger --no-install-project
 
 # Then the project itself, installed (not editable) into the same venv.
 COPY pyproject.toml uv.lock README.md ./
 COPY job ./job
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --locked --no-dev --no-editable
+    uv sync --locked --no-dev --extra liger --no-editable
 
 # ---------------------------------------------------------------- optional baked base model
 # Default: an empty stage (nothing baked). BAKE_MODEL=yes copies BASE_MODEL_DIR from the build

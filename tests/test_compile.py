@@ -182,8 +182,12 @@ def test_cache_key_changes_with_what_changes_the_code_and_nothing_else() -> None
         "model path": key(job_config(model={"source": "/other/path"}), architecture=renamed),
         "card memory": key(fast_path=replace(fast, device=replace(H200, memory_bytes=96 * 2**30))),
         "reasons": key(fast_path=replace(fast, reasons={"compile": "anything"})),
+        "accumulation": key(fast_path=replace(fast, grad_accum=fast.grad_accum * 2)),
     }
     assert all(value == base for value in unchanged.values()), [k for k, v in unchanged.items() if v != base]
+    kept = replace(fast, activation_checkpointing=True, kept_layers=frozenset({31, 30, 29}))
+    inputs = key_inputs(job_config(), kept, model_config, versions=VERSIONS)
+    assert json.loads(json.dumps(inputs))["fast_path"]["kept_layers"] == [29, 30, 31], "plain, order-stable data"
 
 
 # ---------------------------------------------------------------- the cache in the store

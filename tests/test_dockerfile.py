@@ -195,6 +195,7 @@ def test_training_stack_installed_from_the_lock_only(parsed):
     assert syncs, "the training stack must be installed with `uv sync`"
     assert all("--locked" in run for run in syncs)
     assert all("--no-dev" in run for run in syncs)
+    assert all("--extra liger" in run for run in syncs), "model.liger_kernels needs the liger extra in the image"
     assert not [run for run in runs if re.search(r"\bpip3? install\b|uv pip install", run)]
     builder = next(s for s in stages if s.name == "builder")
     inputs = " ".join(builder.all("RUN") + builder.all("COPY"))

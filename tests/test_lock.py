@@ -95,10 +95,15 @@ def test_image_python_satisfies_requires_python():
     assert image_python() >= (int(minimum.group(1)), int(minimum.group(2)))
 
 
+IMAGE_EXTRAS = ("liger",)
+"""Extras the Dockerfile's `uv sync --extra` installs (tests/test_dockerfile.py checks the flag)."""
+
+
 def test_every_runtime_package_installs_on_the_image_python():
     python = image_python()
     project = PACKAGES["sft-job"]
     wanted = [requirement_name(d["name"]) for d in project["dependencies"]]
+    wanted += [norm(d["name"]) for extra in IMAGE_EXTRAS for d in project["optional-dependencies"][extra]]
     seen: set[str] = set()
     while wanted:  # the runtime closure (the `dev` extra is not in the image)
         name = wanted.pop()
@@ -113,7 +118,7 @@ def test_every_runtime_package_installs_on_the_image_python():
         wheels = [w["url"].rsplit("/", 1)[-1] for w in package.get("wheels", [])]
         assert any(wheel_fits(w, python) for w in wheels) or "sdist" in package, f"{name}: nothing for {python}"
         assert all("hash" in w for w in package.get("wheels", [])), f"{name}: wheel without a hash"
-    assert {"torch", "transformers", "trl", "boto3", "cuda-toolkit"} <= seen
+    assert {"torch", "transformers", "trl", "boto3", "cuda-toolkit", "liger-kernel", "triton"} <= seen
 
 
 def test_lock_lists_the_projects_dependencies():
@@ -121,9 +126,9 @@ def test_lock_lists_the_projects_dependencies():
     locked = {norm(d["name"]) for d in project["dependencies"]}
     declared = {requirement_name(r) for r in PYPROJECT["project"]["dependencies"]}
     assert locked == declared, "uv.lock is stale: run `uv lock`"
-    locked_dev = {norm(d["name"]) for d in project.get("optional-dependencies", {}).get("dev", [])}
-    declared_dev = {requirement_name(r) for r in PYPROJECT["project"]["optional-dependencies"]["dev"]}
-    assert locked_dev == declared_dev, "uv.lock is stale: run `uv lock`"
+    for extra, requirements in PYPROJECT["project"]["optional-dependencies"].items():
+        locked_extra = {norm(d["name"]) for d in project.get("optional-dependencies", {}).get(extra, [])}
+        assert locked_extra == {requirement_name(r) for r in requirements}, f"uv.lock is stale ({extra}): `uv lock`"
     specifiers = {norm(r["name"]): r.get("specifier", "") for r in project["metadata"]["requires-dist"]}
     for requirement in PYPROJECT["project"]["dependencies"]:
         name = requirement_name(requirement)

@@ -191,27 +191,41 @@ def key_inputs(
     """
     decision = asdict(fast) if hasattr(fast, "__dataclass_fields__") else dict(vars(fast))
     decision.pop("reasons", None)
-    decision.pop("planned_peak_bytes", None)
+    for unused in ("planned_peak_bytes", "grad_accum"):  # memory plan, accumulation: no kernel changes
+        decision.pop(unused, None)
     device = dict(decision.pop("device", {}) or {})
     device.pop("memory_bytes", None)  # same card, same kernels
     architecture = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
     architecture = {k: v for k, v in architecture.items() if not k.startswith("_")}  # _name_or_path: a local path
-    return {
-        "scheme": COMPILE_SCHEME,
-        "backend": backend,
-        "python": platform.python_version(),
-        "packages": dict(package_versions() if versions is None else versions),
-        "device": device,
-        "fast_path": decision,
-        "model": architecture,
-        "dtype": config.model.dtype,
-        "optimizer": config.train.optim,
-        "batch": config.train.per_device_train_batch_size,
-        "max_length": config.data.max_length,
-        "packing": bool(config.data.packing),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "fsdp": str(config.train.fsdp or ""),
-    }
+    return _plain(
+        {
+            "scheme": COMPILE_SCHEME,
+            "backend": backend,
+            "python": platform.python_version(),
+            "packages": dict(package_versions() if versions is None else versions),
+            "device": device,
+            "fast_path": decision,
+            "model": architecture,
+            "dtype": config.model.dtype,
+            "optimizer": config.train.optim,
+            "batch": config.train.per_device_train_batch_size,
+            "max_length": config.data.max_length,
+            "packing": bool(config.data.packing),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "fsdp": str(config.train.fsdp or ""),
+        }
+    )
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready and order-stable: sets (e.g. the kept layers) become sorted lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 def cache_key(inputs: Mapping[str, Any]) -> str:
