@@ -209,7 +209,7 @@ def choose_split(
         return None
     best = max(fitting, key=lambda c: (c.speed, c.batch))
     layers = budgets[best.batch].layers
-    kept = last_layers(best.kept, layers) if fixed is None else fixed  # type: ignore[arg-type]
+    kept = fixed if fixed is not None else last_layers(best.kept or 0, layers)
     listed = "; ".join(c.describe(layers, best.speed) for c in candidates)
     reason = (
         f"{best.batch} x {best.accum} (of {examples} examples per optimizer step) expected fastest: {listed}"
