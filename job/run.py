@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -44,11 +44,13 @@ from job.logs import Heartbeat, get_logger, quiet_unless_main
 from job.model.load import load_model
 from job.plan.memory import plan_job, refuse_if_it_cannot_fit, world_size
 from job.publish.export import FINAL_PREFIX, publish_final, stage_final
-from job.publish.metrics import MetricsLog, read_step_metrics
+from job.publish.metrics import MetricsLog, Timings, read_step_metrics
 from job.publish.status import record_failure
 from job.storage import AlreadyExists, Store, open_store
 
 if TYPE_CHECKING:  # the trainer's modules import TRL: loaded only once training is near
+    from transformers import TrainerCallback
+
     from job.train.callbacks import FlopsBudget, StepMetrics
     from job.train.fastpath import FastPath
     from job.train.trainer import JobTrainer
@@ -73,22 +75,6 @@ def train(config: JobConfig, *, allow_config_change: bool = False, force: bool =
         run.cleanup()
     run.group.close()
     return metrics
-
-
-@dataclass
-class Timings:
-    """Seconds spent in each phase of this start (written to final/metrics.json as `timings`)."""
-
-    prepare_seconds: float = 0.0
-    load_seconds: float = 0.0
-    train_seconds: float = 0.0
-    publish_seconds: float = 0.0
-    checkpoint_save_seconds: list[float] = field(default_factory=list)
-    """Local save time of each checkpoint this start committed."""
-    checkpoint_upload_seconds: list[float] = field(default_factory=list)
-
-    def phases_seconds(self) -> float:
-        return self.prepare_seconds + self.load_seconds + self.train_seconds + self.publish_seconds
 
 
 @dataclass(frozen=True)
@@ -121,6 +107,7 @@ class TrainingRun:
         """Three checkpoints and the model to pull, once planned: what a full scratch disk lacked."""
         self.resume: ResumePoint | None = None
         self.fast: FastPath | None = None
+        self.compile_callback: TrainerCallback | None = None
         self.model: Any = None
         self.trainer: JobTrainer | None = None
         self.step_metrics: StepMetrics | None = None
@@ -288,6 +275,11 @@ class TrainingRun:
         from job.train.fastpath import choose_fast_path, detect_device
 
         self.fast = choose_fast_path(self.config, detect_device(), model_location=self.prepared.source.location)
+        train = self.config.train  # the planner's split (only where the user set neither) is what gets recorded
+        train.per_device_train_batch_size, train.gradient_accumulation_steps = (
+            self.fast.batch_size,
+            self.fast.grad_accum,
+        )
         with Heartbeat("load_model") as beat:
             self.model = load_model(
                 self.prepared.source, self.config.model, self.fast.device.kind, attention=self.fast.attn_implementation
@@ -306,6 +298,7 @@ class TrainingRun:
 
     def build_trainer(self) -> None:
         from job.train.callbacks import CheckpointCallback, StopAtFinalStep
+        from job.train.fastpath import checkpointing_callback
         from job.train.trainer import build_trainer
 
         ranks = self.group.ranks
@@ -337,7 +330,12 @@ class TrainingRun:
             self.prepared.eval.dataset if self.prepared.eval else None,
             self.work / "trainer",
             self.fast,
-            extra_callbacks=[StopAtFinalStep(), checkpoints, *filter(None, [getattr(self, "compile_callback", None)])],
+            extra_callbacks=[
+                StopAtFinalStep(),
+                checkpoints,
+                checkpointing_callback(self.fast),  # the exact layers that keep their activations
+                *([self.compile_callback] if self.compile_callback else []),
+            ],
             sink=self.metrics_log.add,
             flops_budget=self.flops_budget(),
             group=self.group,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from job.logs import get_logger
@@ -66,3 +66,19 @@ def read_step_metrics(store: Store) -> list[dict[str, Any]]:
                 record = json.loads(line)
                 by_step[int(record["step"])] = record
     return [by_step[step] for step in sorted(by_step)]
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each phase of this start (written to final/metrics.json as `timings`)."""
+
+    prepare_seconds: float = 0.0
+    load_seconds: float = 0.0
+    train_seconds: float = 0.0
+    publish_seconds: float = 0.0
+    checkpoint_save_seconds: list[float] = field(default_factory=list)
+    """Local save time of each checkpoint this start committed."""
+    checkpoint_upload_seconds: list[float] = field(default_factory=list)
+
+    def phases_seconds(self) -> float:
+        return self.prepare_seconds + self.load_seconds + self.train_seconds + self.publish_seconds
