@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from structlog.testing import capture_logs
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, TrainerState
 
 from conftest import cpu_run_args, run_job
 from job.config.load import build_config
@@ -25,7 +25,7 @@ from job.errors import ConfigError, LeaseLost, TrainingFailed
 from job.model.tiny import TINY_CONFIG
 from job.storage.local import LocalStore
 from job.train import compile as regional
-from job.train.compile import CompileCache, CompileStats, cache_key, compile_layers, key_inputs
+from job.train.compile import CompileCache, CompileCallback, CompileStats, cache_key, compile_layers, key_inputs
 from job.train.fastpath import DeviceInfo, FastPathInputs, decide
 from job.train.liger import KERNELS, apply_liger_kernels
 
@@ -97,13 +97,22 @@ def test_compiled_layers_match_eager_with_some_layers_checkpointed(autocast: boo
 def test_identical_layers_share_one_graph_and_a_new_length_recompiles_once() -> None:
     model = tiny(layers=4)
     model.train()
-    compile_layers(model, forced=True, backend=FAST)
+    callback = CompileCallback(compile_layers(model, forced=True, backend=FAST), cache=None)
+    callback.on_train_begin(None, TrainerState(), None)
     graphs = []
-    for length in (16, 24, 20):  # padded batches: a new longest row each step
-        before = CompileStats.now()
-        loss_and_grads(model, torch.randint(0, 512, (2, length)))
-        graphs.append(CompileStats.now().since(before).graphs)
+    with capture_logs() as logs:
+        for step, length in enumerate((16, 24, 20), start=1):  # padded batches: a new longest row each step
+            before = CompileStats.now()
+            callback.on_step_begin(None, TrainerState(global_step=step - 1), None)
+            loss_and_grads(model, torch.randint(0, 512, (2, length)))
+            callback.on_step_end(None, TrainerState(global_step=step), None)
+            graphs.append(CompileStats.now().since(before).graphs)
     assert graphs == [1, 1, 0], "4 layers, one graph; the second length makes it dynamic, then no recompile"
+    (finished,) = events(logs, "compile_finished")
+    assert finished["step"] == 1 and finished["graphs"] == 1 and finished["compile_seconds"] > 0
+    assert [(e["step"], e["new_graphs"]) for e in events(logs, "compile_recompiled")] == [(2, 1)]
+    (overhead,) = events(logs, "compile_step_overhead")
+    assert overhead["step"] == 3, "measured against the first step that compiled nothing"
 
 
 def failing_backend(graph: torch.fx.GraphModule, example_inputs: list) -> None:

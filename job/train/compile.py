@@ -356,6 +356,7 @@ class CompileCallback(TrainerCallback):
         self.last = CompileStats()
         self.step_started = 0.0
         self.first_step_seconds: float | None = None
+        self.overhead_logged = False
         self.steps_seen = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -371,7 +372,8 @@ class CompileCallback(TrainerCallback):
         if self.steps_seen == 1:
             self.first_step_seconds = seconds
             self._finished(state.global_step, seconds, now)
-        elif self.steps_seen == 2 and self.first_step_seconds is not None:
+        elif now.graphs == self.last.graphs and not self.overhead_logged and self.first_step_seconds is not None:
+            self.overhead_logged = True  # the first step that compiled nothing: what a step costs without
             log.info(
                 "compile_step_overhead",
                 step=state.global_step,
