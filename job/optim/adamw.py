@@ -19,35 +19,30 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from job.optim import fused
+from job.optim.fused import BLOCK, CPU_COMPILE_MIN, FP8, can_compile, noise_base
+
 DEFAULT_OPTIMIZER = "adamw_kahan"
-BLOCK = 256  # elements per fp8 scale in adamw_8bit_sr
-CHUNK = 1 << 23  # elements updated at once; a multiple of BLOCK
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-FP8_TINY = 2.0**-9  # smallest positive e4m3 subnormal
+CHUNK = 1 << 23
+"""Elements updated at once by the eager step (its fp32 temporaries: ~12 x 4 bytes each); a power of two."""
+COMPILED_CHUNK = 1 << 26
+"""Elements per compiled call: the fused kernel keeps no temporaries (adamw_8bit_sr: 4 bytes each), and
+fewer, larger calls keep Python's ~60 us per call behind the GPU (7B: ~300 calls, not 961)."""
 _LOW16 = torch.bfloat16, torch.float16
-_MASK = 0x9E3779B97F4A7C15
-
-
-def _round_stochastic(x: Tensor, drop: int, gen: torch.Generator) -> Tensor:
-    """fp32 `x` with its lowest `drop` mantissa bits rounded away at random, so E[result] = x.
-
-    Adding uniform noise below the kept bits and truncating rounds up with probability equal to the
-    dropped fraction; float bits are sign-magnitude, so this works on negative numbers too.
-    """
-    noise = torch.randint(0, 1 << drop, x.shape, dtype=torch.int32, device=x.device, generator=gen)
-    bits = x.contiguous().view(torch.int32) + noise
-    return bits.bitwise_and_(-(1 << drop)).view(torch.float32)
 
 
 class _ChunkedAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias correction) in fp32, chunk by chunk.
 
-    Subclasses say how weights and moments are stored: `_init`, `_load_moments`, `_store_moments`,
-    `_load_weight`, `_store_weight`. Values handed to the `_store_*` hooks are fp32 chunks.
+    Each subclass names its fused update (`_update`, from `job.optim.fused`) and the tensors it takes
+    for one chunk (`_chunk`). Weights that need no rounding (`_exact`) take torch.optim.AdamW's own
+    operations instead, so they stay bitwise equal to it. `compiled`: None picks (CUDA; CPU tensors of
+    at least CPU_COMPILE_MIN elements where a C++ compiler exists), True or False forces it.
     """
 
     state_keys: tuple[str, ...] = ()
+    _update: Callable[..., None]
+    _align = 1  # a compiled call takes a multiple of this many elements
 
     def __init__(
         self,
@@ -58,26 +53,24 @@ class _ChunkedAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         *,
         seed: int = 0,
-        chunk_size: int = CHUNK,
+        chunk_size: int | None = None,
+        compiled: bool | None = None,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"invalid AdamW hyper-parameters: {lr=} {betas=} {eps=} {weight_decay=}")
-        if chunk_size % BLOCK:
-            raise ValueError(f"chunk_size must be a multiple of {BLOCK}")
+        if chunk_size is not None and (chunk_size < BLOCK or chunk_size & (chunk_size - 1)):
+            # fp8 blocks must not straddle chunks, nor noise counters a multiple of 2^32.
+            raise ValueError(f"chunk_size must be a power of two >= {BLOCK}, got {chunk_size}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "seed": seed}
         super().__init__(params, defaults)
         self.chunk_size = chunk_size
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.compiled = compiled
 
-    def _rng(self, device: torch.device, *key: int) -> torch.Generator:
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
-        h = 0
-        for k in key:  # a cheap mix; the seed only needs to differ per (seed, step, param, chunk)
-            h = (h * _MASK + k + 1) % (1 << 63)
-        gen.manual_seed(h)
-        return gen
+    def _use_compiled(self, p: Tensor) -> bool:
+        if self.compiled is not None:
+            return self.compiled
+        # On CPU compiling (~30 s once a process) pays off only for big tensors; tiny models stay eager.
+        return can_compile(p.device) and (p.device.type != "cpu" or p.numel() >= CPU_COMPILE_MIN)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -87,13 +80,12 @@ class _ChunkedAdamW(torch.optim.Optimizer):
                 loss = closure()
         index = -1
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            scalars: dict[tuple[torch.device, int], Tensor] = {}
             for p in group["params"]:
                 index += 1
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse or not p.is_contiguous():
+                if p.grad.is_sparse or not p.is_contiguous() or not p.grad.is_contiguous():
                     raise RuntimeError("these optimizers need dense, contiguous parameters and gradients")
                 state = self.state[p]
                 if not state:
@@ -101,24 +93,44 @@ class _ChunkedAdamW(torch.optim.Optimizer):
                     self._init(p, state)
                 state["step"] += 1
                 t = state["step"]
-                step_size = lr / (1 - beta1**t)
-                bc2_sqrt = math.sqrt(1 - beta2**t)
-                grad = p.grad.reshape(-1)
-                for c, lo in enumerate(range(0, p.numel(), self.chunk_size)):
-                    hi = min(lo + self.chunk_size, p.numel())
-                    gen = self._rng(p.device, group["seed"], t, index, c)
-                    g = grad[lo:hi].float()
-                    w = self._load_weight(p, state, lo, hi)
-                    m, v = self._load_moments(p, state, lo, hi)
-                    # Same operations, in the same order, as torch.optim.AdamW's single-tensor path.
-                    if wd != 0:
-                        w.mul_(1 - lr * wd)
-                    m.lerp_(g, 1 - beta1)
-                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    w.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
-                    self._store_moments(p, state, lo, hi, m, v, gen)
-                    self._store_weight(p, state, lo, hi, w, gen)
+                if self._exact(p):
+                    self._exact_step(p, state, group, t)
+                    continue
+                hp = scalars.get((p.device, t))
+                if hp is None:
+                    hp = scalars[p.device, t] = _scalars(group, t, p.device)
+                self._fused_step(p, state, hp, (group["seed"], t, index))
         return loss
+
+    def _fused_step(self, p: Tensor, state: dict[str, Any], hp: Tensor, key: tuple[int, int, int]) -> None:
+        """The fused update over `p`, chunk by chunk; `key` (seed, step, parameter index) seeds the noise."""
+        compiled = self._use_compiled(p)
+        chunk = self.chunk_size or (COMPILED_CHUNK if compiled else CHUNK)
+        for lo in range(0, p.numel(), chunk):
+            hi = min(lo + chunk, p.numel())
+            # A ragged end (fp8: a partial block) runs eagerly: one compiled graph, not two.
+            cut = lo + (hi - lo) // self._align * self._align if compiled else hi
+            for a, b, how in ((lo, cut, compiled), (cut, hi, False)):
+                if a < b:
+                    fused.run(self._update, how, *self._chunk(p, state, a, b), noise_base(*key, a), hp)
+
+    def _exact_step(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], t: int) -> None:
+        """Weights kept in full: the same operations, in the same order, as torch.optim.AdamW's single-tensor path."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        step_size = lr / (1 - beta1**t)
+        bc2_sqrt = math.sqrt(1 - beta2**t)
+        chunk = self.chunk_size or CHUNK
+        for lo in range(0, p.numel(), chunk):
+            hi = min(lo + chunk, p.numel())
+            g = p.grad.view(-1)[lo:hi].float()
+            w = p.view(-1)[lo:hi]
+            m, v = state["exp_avg"].view(-1)[lo:hi], state["exp_avg_sq"].view(-1)[lo:hi]
+            if wd != 0:
+                w.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            w.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a `state_dict()`, keeping the saved dtypes (torch would cast them to the parameter's)."""
@@ -137,36 +149,31 @@ class _ChunkedAdamW(torch.optim.Optimizer):
                 )
             self.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in entry.items()}
 
-    # Storage hooks -------------------------------------------------------------------------------
+    # Per-optimizer hooks -------------------------------------------------------------------------
     def _keys(self, p: Tensor) -> tuple[str, ...]:
         return self.state_keys
 
     def _init(self, p: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _load_moments(self, p: Tensor, state: dict[str, Any], lo: int, hi: int) -> tuple[Tensor, Tensor]:
-        return state["exp_avg"].view(-1)[lo:hi].float(), state["exp_avg_sq"].view(-1)[lo:hi].float()
+    def _exact(self, p: Tensor) -> bool:
+        return False
 
-    def _store_moments(
-        self, p: Tensor, state: dict[str, Any], lo: int, hi: int, m: Tensor, v: Tensor, gen: torch.Generator
-    ) -> None:
-        for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
-            dst = state[key].view(-1)[lo:hi]
-            if dst.dtype == torch.bfloat16:
-                # beta2's 0.1% decay is below half a bf16 ulp: rounded to nearest, v would never decay.
-                value = _round_stochastic(value, 16, gen)
-            if dst.data_ptr() != value.data_ptr():
-                dst.copy_(value)
+    def _chunk(self, p: Tensor, state: dict[str, Any], lo: int, hi: int) -> tuple[Tensor, ...]:
+        raise NotImplementedError
 
-    def _load_weight(self, p: Tensor, state: dict[str, Any], lo: int, hi: int) -> Tensor:
-        return p.view(-1)[lo:hi].float()
 
-    def _store_weight(
-        self, p: Tensor, state: dict[str, Any], lo: int, hi: int, w: Tensor, gen: torch.Generator
-    ) -> None:
-        dst = p.view(-1)[lo:hi]
-        if dst.data_ptr() != w.data_ptr():
-            dst.copy_(w)
+def _scalars(group: dict[str, Any], t: int, device: torch.device) -> Tensor:
+    """The step's scalars as one fp32 tensor: no recompiles as lr changes, one transfer per group and step."""
+    beta1, beta2 = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    values = (1 - lr * wd, 1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), eps, -lr / (1 - beta1**t))
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _flat(lo: int, hi: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Elements lo:hi of each tensor, as flat views."""
+    return tuple(t.view(-1)[lo:hi] for t in tensors)
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -182,6 +189,8 @@ class KahanAdamW(_ChunkedAdamW):
     2 gradients + 2 m + 2 v + 2 compensation = 10 (7.25B params: 67.5 GiB). fp32 weights: plain AdamW.
     """
 
+    _update = staticmethod(fused.kahan_update)
+
     def _keys(self, p: Tensor) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "kahan_comp") if p.dtype in _LOW16 else ("exp_avg", "exp_avg_sq")
 
@@ -189,22 +198,11 @@ class KahanAdamW(_ChunkedAdamW):
         for key in self._keys(p):
             state[key] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.contiguous_format)
 
-    def _load_weight(self, p: Tensor, state: dict[str, Any], lo: int, hi: int) -> Tensor:
-        w = p.view(-1)[lo:hi].float()
-        if "kahan_comp" in state:
-            w.add_(state["kahan_comp"].view(-1)[lo:hi].float())
-        return w
+    def _exact(self, p: Tensor) -> bool:
+        return p.dtype == torch.float32
 
-    def _store_weight(
-        self, p: Tensor, state: dict[str, Any], lo: int, hi: int, w: Tensor, gen: torch.Generator
-    ) -> None:
-        dst = p.view(-1)[lo:hi]
-        if "kahan_comp" not in state:
-            if dst.data_ptr() != w.data_ptr():
-                dst.copy_(w)
-            return
-        dst.copy_(w)  # round to nearest; what it lost goes to the compensation buffer
-        state["kahan_comp"].view(-1)[lo:hi].copy_(w.sub_(dst.float()))
+    def _chunk(self, p: Tensor, state: dict[str, Any], lo: int, hi: int) -> tuple[Tensor, ...]:
+        return _flat(lo, hi, p, state["kahan_comp"], p.grad, state["exp_avg"], state["exp_avg_sq"])
 
 
 class Fp32MasterAdamW(_ChunkedAdamW):
@@ -213,6 +211,8 @@ class Fp32MasterAdamW(_ChunkedAdamW):
     The reference-quality choice. Bytes per parameter with bf16 weights: 2 weights + 2 gradients +
     4 master + 4 m + 4 v = 16 (7.25B params: 108 GiB, more than a 96 GB card; fits a 141 GB H200).
     """
+
+    _update = staticmethod(fused.master_update)
 
     def _keys(self, p: Tensor) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "master") if p.dtype != torch.float32 else ("exp_avg", "exp_avg_sq")
@@ -223,8 +223,11 @@ class Fp32MasterAdamW(_ChunkedAdamW):
         if p.dtype != torch.float32:
             state["master"] = p.detach().float().contiguous()
 
-    def _load_weight(self, p: Tensor, state: dict[str, Any], lo: int, hi: int) -> Tensor:
-        return state["master"].view(-1)[lo:hi] if "master" in state else p.view(-1)[lo:hi]
+    def _exact(self, p: Tensor) -> bool:
+        return p.dtype == torch.float32
+
+    def _chunk(self, p: Tensor, state: dict[str, Any], lo: int, hi: int) -> tuple[Tensor, ...]:
+        return _flat(lo, hi, p, state["master"], p.grad, state["exp_avg"], state["exp_avg_sq"])
 
 
 class AdamW8bitSR(_ChunkedAdamW):
@@ -237,6 +240,8 @@ class AdamW8bitSR(_ChunkedAdamW):
     """
 
     state_keys = ("exp_avg", "exp_avg_scale", "exp_avg_sq_sqrt", "exp_avg_sq_sqrt_scale")
+    _update = staticmethod(fused.sr8_update)
+    _align = BLOCK
 
     def _init(self, p: Tensor, state: dict[str, Any]) -> None:
         blocks = -(-p.numel() // BLOCK)
@@ -244,47 +249,16 @@ class AdamW8bitSR(_ChunkedAdamW):
             state[key] = torch.zeros(p.numel(), dtype=FP8, device=p.device)
             state[f"{key}_scale"] = torch.ones(blocks, dtype=torch.float32, device=p.device)
 
+    def _chunk(self, p: Tensor, state: dict[str, Any], lo: int, hi: int) -> tuple[Tensor, ...]:
+        blocks = slice(lo // BLOCK, -(-hi // BLOCK))
+        w, g, m, r = _flat(lo, hi, p, p.grad, state["exp_avg"], state["exp_avg_sq_sqrt"])
+        return w, g, m, state["exp_avg_scale"][blocks], r, state["exp_avg_sq_sqrt_scale"][blocks]
+
     @staticmethod
     def _dequantize(q: Tensor, scale: Tensor, lo: int, hi: int) -> Tensor:
-        s = scale[lo // BLOCK : -(-hi // BLOCK)]
-        out = torch.zeros(s.numel() * BLOCK, dtype=torch.float32, device=q.device)
-        out[: hi - lo].copy_(q[lo:hi])
-        return out.view(-1, BLOCK).mul_(s[:, None]).view(-1)[: hi - lo]
-
-    @staticmethod
-    def _quantize(x: Tensor, q: Tensor, scale: Tensor, lo: int, hi: int, gen: torch.Generator, floor: bool) -> None:
-        s = scale[lo // BLOCK : -(-hi // BLOCK)]
-        padded = x.new_zeros(s.numel() * BLOCK)
-        padded[: hi - lo].copy_(x)
-        blocks = padded.view(-1, BLOCK)
-        amax = blocks.abs().amax(dim=1)
-        new_scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        y = (blocks / new_scale[:, None]).clamp_(-FP8_MAX, FP8_MAX)
-        y = _round_stochastic(y, 20, gen)  # e4m3 keeps 3 of fp32's 23 mantissa bits
-        if floor:  # keep positive values positive
-            y = torch.where(blocks > 0, y.clamp(min=FP8_TINY), y)
-        q[lo:hi].copy_(y.view(-1)[: hi - lo])
-        s.copy_(new_scale)
-
-    def _load_moments(self, p: Tensor, state: dict[str, Any], lo: int, hi: int) -> tuple[Tensor, Tensor]:
-        m = self._dequantize(state["exp_avg"], state["exp_avg_scale"], lo, hi)
-        r = self._dequantize(state["exp_avg_sq_sqrt"], state["exp_avg_sq_sqrt_scale"], lo, hi)
-        return m, r.square_()
-
-    def _store_moments(
-        self, p: Tensor, state: dict[str, Any], lo: int, hi: int, m: Tensor, v: Tensor, gen: torch.Generator
-    ) -> None:
-        self._quantize(m, state["exp_avg"], state["exp_avg_scale"], lo, hi, gen, floor=False)
-        self._quantize(v.sqrt(), state["exp_avg_sq_sqrt"], state["exp_avg_sq_sqrt_scale"], lo, hi, gen, floor=True)
-
-    def _store_weight(
-        self, p: Tensor, state: dict[str, Any], lo: int, hi: int, w: Tensor, gen: torch.Generator
-    ) -> None:
-        dst = p.view(-1)[lo:hi]
-        if p.dtype in _LOW16:
-            w = _round_stochastic(w, 16 if p.dtype == torch.bfloat16 else 13, gen)
-        if dst.data_ptr() != w.data_ptr():
-            dst.copy_(w)
+        """fp32 values of elements lo:hi of an fp8 state (for inspection; the step dequantizes in its kernel)."""
+        s = scale[lo // BLOCK : -(-hi // BLOCK)].repeat_interleave(BLOCK)
+        return q[lo:hi].float() * s[: hi - lo]
 
 
 @dataclass(frozen=True)
