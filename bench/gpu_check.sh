@@ -21,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "wheels" ]]; then
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    if [[ -d .git/info ]]; then grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude; fi
     mkdir -p .whl
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
@@ -34,7 +34,7 @@ fi
 OUT="${OUT:-gpu-check-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-BUDGET=530  # seconds for the whole script (the device call gets 9 minutes of it)
+BUDGET=${GPU_CHECK_BUDGET:-530}  # seconds for the whole script (the device call gets 9 minutes of it)
 LOG="$OUT/gpu_check.log"
 
 # The seconds a part may take: its own limit, or what is left of the budget less the summary's 10 s.
@@ -62,15 +62,26 @@ fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import platform, importlib.metadata as m
-print("python", platform.python_version(), *(f"{n} {m.version(n)}" for n in
+def v(n):
+    try:
+        return m.version(n)
+    except m.PackageNotFoundError:
+        return "absent"
+print("python", platform.python_version(), *(f"{n} {v(n)}" for n in
       ("torch", "transformers", "trl", "datasets", "accelerate", "structlog", "pyarrow", "triton")))'
     df -h . /tmp /dev/shm | tail -n +2
 } 2>&1 | tee "$OUT/environment.txt"
 
-part throughput 210 python3 bench/gpu_throughput.py --seq 2048 4096 --warmup 1 --steps 2 --no-fsdp-check \
-    --out "$OUT/gpu_throughput.json"
-part job-7b 150 python3 bench/gpu_job.py --only 7b --job-timeout 140 --out "$OUT/gpu_job_7b.json"
-part job-resume 170 python3 bench/gpu_job.py --only resume --job-timeout 160 --out "$OUT/gpu_job_resume.json"
+# GPU_CHECK_DRY_RUN=1: the same script on a CPU machine, every part a dry run (checks the script itself).
+if [[ -n "${GPU_CHECK_DRY_RUN:-}" ]]; then
+    sizes=(--dry-run) dry=(--dry-run)
+else
+    sizes=(--seq 2048 4096 --warmup 1 --steps 2) dry=()
+fi
+part throughput 210 python3 bench/gpu_throughput.py "${sizes[@]}" --no-fsdp-check --out "$OUT/gpu_throughput.json"
+part job-7b 150 python3 bench/gpu_job.py "${dry[@]}" --only 7b --job-timeout 140 --out "$OUT/gpu_job_7b.json"
+part job-resume 170 python3 bench/gpu_job.py "${dry[@]}" --only resume --job-timeout 160 \
+    --out "$OUT/gpu_job_resume.json"
 
 python3 - "$OUT" <<'EOF'
 import json, sys

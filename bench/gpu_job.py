@@ -56,12 +56,19 @@ WORDS = (
     "over him when city all up between out during where about later three then than world there used can both "
     "would many such while including under known these made school state war through well part may them before"
 )
-# The job as it starts, reading a disk that reports `extra` more free bytes: only the 7B part on a disk too
-# small for the default run's three 58 GB checkpoints (it stops before writing any).
-RUN_WITH_EXTRA_FREE = """
+# The job itself (entrypoint.py run as __main__), started through this wrapper only for the 7B part: there its
+# allocator is capped at the 96 GB card's size before anything runs (`fraction`; 0: no cap), and a disk too
+# small for the default run's three 58 GB checkpoints reports `extra` more free bytes (the run stops before
+# writing any).
+WRAPPER = """
 import runpy, shutil, sys
-extra, real = int(sys.argv.pop(1)), shutil.disk_usage
-shutil.disk_usage = lambda path: type(real(path))(real(path).total + extra, real(path).used, real(path).free + extra)
+extra, fraction = int(sys.argv.pop(1)), float(sys.argv.pop(1))
+if extra:
+    real = shutil.disk_usage
+    shutil.disk_usage = lambda p: type(real(p))(real(p).total + extra, real(p).used, real(p).free + extra)
+if fraction:
+    import torch
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
 sys.argv[0] = {entry!r}
 runpy.run_path({entry!r}, run_name="__main__")
 """
@@ -77,13 +84,13 @@ class Job:
     live: ClassVar[list[Job]] = []
     """Jobs started and not yet waited for: killed (with their process groups) if this script is stopped."""
 
-    def __init__(self, config: Path, env: dict[str, str], extra_free: int | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str], wrapped: tuple[int, float] | None = None) -> None:
         entry = str(REPO / "entrypoint.py")
         args = ["train", "--config", str(config)]
-        if extra_free is None:
+        if wrapped is None:
             argv = [sys.executable, entry, *args]
-        else:
-            argv = [sys.executable, "-c", RUN_WITH_EXTRA_FREE.format(entry=entry), str(extra_free), *args]
+        else:  # (extra free bytes, memory fraction)
+            argv = [sys.executable, "-c", WRAPPER.format(entry=entry), str(wrapped[0]), str(wrapped[1]), *args]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -236,33 +243,29 @@ def _python(code: str, env: dict[str, str]) -> dict[str, Any] | None:
 
 PROBE = """
 import json, torch
-torch.zeros(1, device="cuda")
 from job.train.fastpath import detect_device
-print(json.dumps({"total": torch.cuda.get_device_properties(0).total_memory,
-                  "fraction": torch.cuda.get_per_process_memory_fraction(0), "job_sees": detect_device().memory_bytes}))
+total = torch.cuda.get_device_properties(0).total_memory
+fraction = min(1.0, %d / total)
+torch.cuda.set_per_process_memory_fraction(fraction, 0)
+torch.zeros(1, device="cuda")
+print(json.dumps({"total": total, "fraction": fraction, "job_sees": detect_device().memory_bytes}))
 """
 
 
 def memory_cap(env: dict[str, str], enabled: bool) -> dict[str, Any]:
-    """Cap the job at the 96 GB card's 97,887 MiB (updates `env`) when torch and the job both honour it."""
-    plain = _python(PROBE, env)
-    if plain is None:
-        return {"applied": False, "why": "no CUDA device answered the probe"}
+    """The 97,887 MiB cap for the 7B run (`fraction`), when the card is larger and the job's planner sees it."""
     cap = CARD_96GB_MIB * MiB
-    info: dict[str, Any] = {"applied": False, "card_mib": plain["total"] // MiB, "cap_mib": CARD_96GB_MIB}
-    if not enabled or plain["total"] <= cap:
+    probe = _python(PROBE % cap, env)
+    if probe is None:
+        return {"fraction": 0.0, "why": "no CUDA device answered the probe"}
+    info: dict[str, Any] = {"fraction": 0.0, "card_mib": probe["total"] // MiB, "cap_mib": CARD_96GB_MIB}
+    info["job_plans_for_mib"] = probe["job_sees"] // MiB
+    if not enabled or probe["total"] <= cap:
         return {**info, "why": "disabled" if not enabled else "the card is not larger than 96 GB"}
-    fraction = round(cap / plain["total"], 6)
-    conf = ",".join(filter(None, [env.get("PYTORCH_CUDA_ALLOC_CONF"), f"per_process_memory_fraction:{fraction}"]))
-    capped = _python(PROBE, {**env, "PYTORCH_CUDA_ALLOC_CONF": conf})
-    info.update(fraction=fraction, torch_honours=bool(capped and abs(capped["fraction"] - fraction) < 1e-4))
-    info["job_plans_for_mib"] = capped["job_sees"] // MiB if capped else None
-    if not info["torch_honours"]:
-        return {**info, "why": "this torch has no per_process_memory_fraction in PYTORCH_CUDA_ALLOC_CONF: uncapped"}
-    if capped["job_sees"] > cap * 1.001:
-        return {**info, "why": "the job's planner reads the whole card, not the cap (it would plan past it): uncapped"}
-    env["PYTORCH_CUDA_ALLOC_CONF"] = conf
-    return {**info, "applied": True, "why": f"PYTORCH_CUDA_ALLOC_CONF={conf}"}
+    if probe["job_sees"] > cap * 1.001:  # it would plan for the whole card and run out of memory under the cap
+        return {**info, "why": "uncapped: the job's planner reads the whole card, not the allocator's cap"}
+    fraction = round(probe["fraction"], 6)
+    return {**info, "fraction": fraction, "why": f"torch.cuda.set_per_process_memory_fraction({fraction})"}
 
 
 def environment(dry_run: bool) -> dict[str, Any]:
@@ -305,14 +308,19 @@ def compare_runs(a: Path, b: Path) -> dict[str, Any]:
 
 
 def checkpoint_figures(jobs: list[Job]) -> dict[str, Any]:
-    saved = [e for job in jobs for e in job.events("checkpoint_saved_locally")]
-    committed = [e for job in jobs for e in job.events("checkpoint_committed")]
+    """What each save cost: blocked training (staging when async), background write, upload; the staging plan."""
+
+    def pick(event: str, key: str) -> list[Any]:
+        return [e.get(key) for job in jobs for e in job.events(event)]
+
     return {
-        "saved_steps": [e.get("step") for e in saved],
-        "blocked_seconds": [e.get("blocked_seconds") for e in saved],
-        "save_seconds": [e.get("save_seconds") for e in saved],
-        "upload_seconds": [e.get("upload_seconds") for e in committed],
-        "bytes": max((e.get("bytes") or 0 for e in committed), default=None),
+        "saved_steps": pick("checkpoint_saved_locally", "step"),
+        "blocked_seconds": pick("checkpoint_saved_locally", "blocked_seconds"),
+        "async_save": pick("checkpoint_saved_locally", "async_save"),
+        "write_seconds": pick("checkpoint_written", "seconds"),
+        "upload_seconds": pick("checkpoint_committed", "upload_seconds"),
+        "bytes": max(pick("checkpoint_committed", "bytes") or [0]) or None,
+        "staging": [_public(e) for job in jobs for e in job.events("checkpoint_staging")][:1],
     }
 
 
@@ -380,23 +388,20 @@ def resume_part(work: Path, args: argparse.Namespace, env: dict[str, str], resul
 def big_part(work: Path, args: argparse.Namespace, env: dict[str, str], result: dict[str, Any]) -> None:
     from job.plan.memory import MISTRAL_7B_V03
 
+    cap = {"fraction": 0.0, "why": "dry run on CPU"} if args.dry_run else memory_cap(env, not args.no_cap)
+    result["memory_cap"] = cap
+
     device = "cpu" if args.dry_run else "cuda"
     shape = {**MISTRAL_7B_V03, **TINY_SHAPE} if args.dry_run else MISTRAL_7B_V03
     model_dir = work / "model"
     params = build_model(model_dir, shape, device=device, dtype="bfloat16")
     data = write_data(work / "data" / "train.jsonl", 64 if args.dry_run else 256, 40 if args.dry_run else 2300)
-    values = {
-        "run": {"name": "default-7b", "output": str(work / "store"), "scratch": str(work / "scratch")},
-        "model": {"source": str(model_dir)},
-        "data": {"train": str(data)},
-        "train": {"max_steps": args.big_steps + (20 if args.dry_run else 3), "logging_steps": 1},
-    }
+    values = big_config(work, model_dir, data, args)
     config = write_config(work / "default-7b.yaml", values)
-    # The job checks for three checkpoints' room (3 x 8 bytes per parameter) before training; it writes none here.
-    need = 3 * 8 * params + 4 * GiB
-    extra = max(0, need - shutil.disk_usage(work).free)
+    # The job checks for room for three checkpoints (~8 bytes per parameter each) before training; it writes none.
+    extra = max(0, 3 * 16 * params - shutil.disk_usage(work).free)
     result.update(parameters=params, config=values, scratch_free_space_pretended_gib=round(extra / GiB, 1))
-    job = Job(config, env, extra_free=extra)
+    job = Job(config, env, wrapped=(extra, cap["fraction"]))
     try:
         line = job.wait_for("step", args.job_timeout, count=args.big_steps)
         if line is not None and job.proc.poll() is None:
@@ -404,6 +409,19 @@ def big_part(work: Path, args: argparse.Namespace, env: dict[str, str], result: 
         result["exit_code"] = job.wait(args.job_timeout)
     finally:  # also when this part is cut short: what the job logged so far
         result.update(step_figures(job, args.big_steps))
+
+
+def big_config(work: Path, model_dir: Path, data: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The default config: only where data, model and outputs are, and how many steps (logged each)."""
+    values: dict[str, dict[str, Any]] = {
+        "run": {"name": "default-7b", "output": str(work / "store"), "scratch": str(work / "scratch")},
+        "model": {"source": str(model_dir)},
+        "data": {"train": str(data)},
+        "train": {"max_steps": args.big_steps + (20 if args.dry_run else 3), "logging_steps": 1},
+    }
+    if args.dry_run:  # bf16 on two CPU cores: one micro-batch per step, not the default 8, keeps it to seconds
+        values["train"].update(per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    return values
 
 
 def step_figures(job: Job, wanted: int) -> dict[str, Any]:
@@ -441,7 +459,7 @@ def checks(result: dict[str, Any]) -> dict[str, bool]:
         found["uninterrupted run exits 0"] = r.get("exit_uninterrupted") == 0
         found["SIGTERM after a checkpoint exits 75"] = r.get("exit_sigterm") == 75
         seconds = r.get("sigterm_to_exit_seconds")
-        found["... within checkpoint.grace_seconds"] = seconds is not None and seconds <= r["grace_seconds"]
+        found["... within checkpoint.grace_seconds"] = seconds is not None and seconds <= (r.get("grace_seconds") or 0)
         found["restart resumes and exits 0"] = r.get("exit_restart") == 0 and r.get("resumed_from_step") is not None
         found["final weights compared"] = r.get("max_abs_dw") is not None
         if result["dry_run"]:  # float32 on CPU: resume is exact
@@ -464,9 +482,10 @@ def table(result: dict[str, Any]) -> str:
         exits = f"{r.get('exit_uninterrupted')} / {r.get('exit_sigterm')} / {r.get('exit_restart')}"
         ckpt = r.get("checkpoints", {})
         lines += [
-            f"{'resume: parameters':<46}{r['parameters']:,}",
+            f"{'resume: parameters':<46}{_fmt(r.get('parameters'), ',')}",
             f"{'resume: exits A / B SIGTERM / B restart':<46}{exits}",
-            f"{'resume: SIGTERM to exit s (grace)':<46}{_fmt(r.get('sigterm_to_exit_seconds'))} ({r['grace_seconds']})",
+            f"{'resume: SIGTERM to exit s (grace)':<46}{_fmt(r.get('sigterm_to_exit_seconds'))}"
+            f" ({r.get('grace_seconds')})",
             f"{'resume: resumed from step':<46}{_fmt(r.get('resumed_from_step'))}",
             f"{'resume: max |dw| vs uninterrupted':<46}{_fmt(r.get('max_abs_dw'), '.3g')}",
             f"{'resume: losses equal (max diff)':<46}{r.get('losses_equal')}"
@@ -475,14 +494,17 @@ def table(result: dict[str, Any]) -> str:
             f"{'resume: tokens/s (run A)':<46}{_fmt(r.get('tokens_per_second'), ',.0f')}",
         ]
     if b := result.get("7b"):
+        fp = b.get("fast_path", {})
+        split = f"{fp.get('batch')}x{fp.get('grad_accum')}"
         lines += [
-            f"{'7b: parameters':<46}{b['parameters']:,}",
-            f"{'7b: exit (SIGTERM after the steps)':<46}{b['exit_code']}",
-            f"{'7b: steps logged':<46}{len(b['steps'])}",
-            f"{'7b: tokens/s (median after step 1)':<46}{_fmt(b['tokens_per_second'], ',.0f')}",
-            f"{'7b: MFU / HFU':<46}{_fmt(b['mfu'], '.1%')} / {_fmt(b['hfu'], '.1%')}",
-            f"{'7b: peak GiB':<46}{_fmt(b['peak_memory_gib'])}",
-            f"{'7b: checkpointing (fast_path)':<46}{b['fast_path'].get('activation_checkpointing')}",
+            f"{'7b: parameters':<46}{_fmt(b.get('parameters'), ',')}",
+            f"{'7b: exit (SIGTERM after the steps)':<46}{b.get('exit_code')}",
+            f"{'7b: steps logged':<46}{len(b.get('steps') or [])}",
+            f"{'7b: tokens/s (median after step 1)':<46}{_fmt(b.get('tokens_per_second'), ',.0f')}",
+            f"{'7b: MFU / HFU':<46}{_fmt(b.get('mfu'), '.1%')} / {_fmt(b.get('hfu'), '.1%')}",
+            f"{'7b: peak GiB':<46}{_fmt(b.get('peak_memory_gib'))}",
+            f"{'7b: layers kept, batch x accumulation':<46}{fp.get('layers_kept')}, {split}",
+            f"{'7b: memory cap':<46}{b.get('memory_cap', {}).get('why')}",
         ]
     for name, ok in result["checks"].items():
         lines.append(f"{'check: ' + name:<66}{'ok' if ok else 'FAILED'}")
@@ -519,9 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         "dry_run": args.dry_run,
         "environment": environment(args.dry_run),
         "settings": {"steps": args.steps, "every": args.every, "big_steps": args.big_steps},
-        "memory_cap": {"applied": False, "why": "dry run on CPU"} if args.dry_run else memory_cap(env, not args.no_cap),
     }
-    print(f"gpu_job: {result['environment'].get('gpu', 'CPU (dry run)')}; memory cap: {result['memory_cap']['why']}")
+    print(f"gpu_job: {result['environment'].get('gpu', 'CPU (dry run)')}")
 
     def save() -> None:
         result["checks"] = checks(result)

@@ -128,12 +128,25 @@ def test_job_dry_run_preempts_resumes_and_matches_the_uninterrupted_run(job_dry_
 def test_job_dry_run_reads_the_default_configs_step_lines(job_dry_run) -> None:
     result, _ = job_dry_run
     big = result["7b"]
-    assert big["exit_code"] == 75  # SIGTERM before any checkpoint: stops at once
-    assert big["config"]["train"] == {"max_steps": big["config"]["train"]["max_steps"], "logging_steps": 1}
-    assert set(big["config"]["model"]) == {"source"}  # the default config: dtype, optimizer, batch untouched
+    assert big["exit_code"] == 75 and big["sigterm_to_exit_seconds"] < 25  # before any checkpoint: stops at once
     assert len(big["steps"]) >= result["settings"]["big_steps"] and big["tokens_per_second"] > 0
-    assert big["fast_path"]["activation_checkpointing"] and big["fast_path"]["attention"] == "sdpa"
-    assert result["memory_cap"]["applied"] is False and result["environment"]["dry_run"] is True
+    assert big["steps"][0]["loss"] > 0 and big["fast_path"]["attention"] == "sdpa"
+    assert big["fast_path"]["batch"] * big["fast_path"]["grad_accum"] == 2  # the dry run's one micro-batch
+    assert big["memory_cap"]["fraction"] == 0.0 and result["environment"]["dry_run"] is True
+
+
+def test_job_on_a_gpu_trains_the_7b_architecture_with_the_default_config(tmp_path: Path) -> None:
+    sys.path.insert(0, str(JOB_BENCH.parent))
+    try:
+        import gpu_job
+    finally:
+        sys.path.remove(str(JOB_BENCH.parent))
+    args = gpu_job.parse_args([])
+    values = gpu_job.big_config(tmp_path, tmp_path / "model", tmp_path / "train.jsonl", args)
+    assert values["train"] == {"max_steps": args.big_steps + 3, "logging_steps": 1}
+    assert values["model"] == {"source": str(tmp_path / "model")} and values["data"] == {
+        "train": str(tmp_path / "train.jsonl")
+    }
 
 
 def test_job_dry_run_prints_its_table_last(job_dry_run) -> None:
