@@ -145,7 +145,9 @@ def main() -> None:
         per = ", ".join(f"{b:.2f}" for b in blocked(mode))
         print(f"{mode:<14}{per:>30}{median:>10.2f}{median / synchronous:>16.1%}")
     written = [e["seconds"] for e in events("async", "checkpoint_written")]
+    waited = [e["waited_for_previous_write_seconds"] for e in events("async", "checkpoint_saved_locally")]
     print(f"async background write per checkpoint (s): {', '.join(f'{w:.2f}' for w in written)}")
+    print(f"async blocked time spent waiting for the previous write (s): {', '.join(f'{w:.2f}' for w in waited)}")
     fraction = statistics.median(blocked("async")) / synchronous
     print(f"blocked / synchronous, async save: {fraction:.1%} (target <= 5%)")
     same = all(hashes[mode] == hashes["synchronous"] for mode in MODES)

@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,10 +91,12 @@ class HostStager:
     def _walk(self, node: Any, used: dict[tuple[int, int, str], torch.Tensor]) -> Any:
         if isinstance(node, torch.Tensor):
             return self._tensor(node, used)
-        if isinstance(node, dict):
-            return type(node)((key, self._walk(value, used)) for key, value in node.items())
+        if isinstance(node, dict):  # the same mapping type: torch.save pickles it
+            items = [(key, self._walk(value, used)) for key, value in node.items()]
+            return type(node)(items) if type(node) in (dict, OrderedDict) else dict(items)
         if isinstance(node, list | tuple):
-            return type(node)(self._walk(value, used) for value in node)
+            values = [self._walk(value, used) for value in node]
+            return type(node)(*values) if hasattr(node, "_fields") else type(node)(values)  # namedtuple or not
         return node  # python scalars, strings, None: immutable
 
     def _tensor(self, tensor: torch.Tensor, used: dict[tuple[int, int, str], torch.Tensor]) -> torch.Tensor:
@@ -202,8 +205,9 @@ class CheckpointWriter:
         """Called on the writer thread once `checkpoint-N` is complete (the uploader's hand-off)."""
         self.before_write = before_write
         """Called on the writer thread before a staged checkpoint is written (tests hold the writer here)."""
-        self.drain_budget: Callable[[], float | None] = lambda: None
-        """Seconds the end of training may wait for the write in flight (None: until it ends)."""
+        self.drain_budget: Callable[[bool], float | None] = lambda failing: None
+        """Seconds the end of training (`failing`: ended by an error) may wait for the write in flight; None:
+        until it ends."""
         self.plan: StagingPlan | None = None
         self.staged_step: int | None = None
         """The step whose state was last staged for a background write."""
@@ -261,9 +265,9 @@ class CheckpointWriter:
         """True once no write is in flight (written or failed) within `timeout` seconds."""
         return self._idle.wait(timeout)
 
-    def drain(self) -> bool:
-        """At the end of training: wait for the write in flight within `drain_budget()`."""
-        budget = self.drain_budget()
+    def drain(self, failing: bool = False) -> bool:
+        """At the end of training: wait for the write in flight within `drain_budget(failing)`."""
+        budget = self.drain_budget(failing)
         done = self.wait(None if budget is None else max(budget, 0.0))
         if not done:
             log.warning("checkpoint_write_unfinished", step=self.staged_step, waited_seconds=budget)

@@ -233,11 +233,17 @@ class CheckpointCallback(TrainerCallback):
         self._last_save = self._step_started = self._save_started = time.monotonic()
 
     def attach_writer(self, writer: CheckpointWriter) -> None:
-        """Written checkpoints come back through `_written` (writer thread); after a signal, the end of training
-        waits for the write in flight only while the grace budget lasts."""
+        """Written checkpoints come back through `_written` (writer thread). The end of training waits for the
+        write in flight: after a signal while the grace budget lasts, after an error up to grace_seconds (as the
+        run then waits for uploads), otherwise until it ends."""
         self.writer = writer
         writer.on_written = self._written
-        writer.drain_budget = lambda: self.preemption.remaining() if self.preemption.requested else None
+        writer.drain_budget = self._drain_budget
+
+    def _drain_budget(self, failing: bool) -> float | None:
+        if self.preemption.requested:
+            return self.preemption.remaining()
+        return self.preemption.grace_seconds if failing else None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._last_save = time.monotonic()

@@ -148,7 +148,7 @@ class JobTrainer(SFTTrainer):
         try:
             result = super().train(*args, **kwargs)
         except BaseException:
-            writer.drain()  # the last good checkpoint stays on its way to the store
+            writer.drain(failing=True)  # the last good checkpoint stays on its way to the store
             raise
         writer.drain()
         writer.raise_if_failed()
