@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
@@ -83,8 +84,12 @@ class Job:
 
     live: ClassVar[list[Job]] = []
     """Jobs started and not yet waited for: killed (with their process groups) if this script is stopped."""
+    stopping: ClassVar[bool] = False
+    """Set when this script is stopped: no job starts after that."""
 
     def __init__(self, config: Path, env: dict[str, str], wrapped: tuple[int, float] | None = None) -> None:
+        if Job.stopping:
+            raise Interrupted("stopping")
         entry = str(REPO / "entrypoint.py")
         args = ["train", "--config", str(config)]
         if wrapped is None:
@@ -180,8 +185,16 @@ def _public(line: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- inputs: model, data, config
 
 
+_BUILD = threading.Lock()  # the dry run's parts run side by side; torch's seed is global
+
+
 def build_model(directory: Path, values: dict[str, Any], *, device: str, dtype: str) -> int:
     """A randomly initialised Mistral-architecture model with the Mistral v3 tokenizer; its parameter count."""
+    with _BUILD:
+        return _build_model(directory, values, device=device, dtype=dtype)
+
+
+def _build_model(directory: Path, values: dict[str, Any], *, device: str, dtype: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -551,41 +564,46 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
     root = args.work or Path(tempfile.mkdtemp(prefix="gpu-job-"))
-    interrupted = False
+    parts = [(name, part) for name, part in (("resume", resume_part), ("7b", big_part)) if args.only in (None, name)]
 
-    def stop(signum: int, frame: Any) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, stop)
-    for name, part in (("resume", resume_part), ("7b", big_part)):
-        if args.only not in (None, name):
-            continue
+    def run_part(name: str, part: Any) -> None:
         work = root / name
-        shutil.rmtree(work, ignore_errors=True)  # the disk holds one part's files at a time
+        shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         part_started = time.monotonic()
         result[name] = {}
         try:
             part(work, args, env, result[name])
-        except Interrupted:
-            result[name + "_error"] = "stopped by SIGTERM (the time limit), figures so far kept"
-            interrupted = True
         except Exception as exc:  # keep what the other part measures; the JSON says what broke
             result[name + "_error"] = f"{type(exc).__name__}: {exc}"[:2000]
         finally:
-            for job in list(Job.live):
-                job.kill()
             shutil.rmtree(work, ignore_errors=True)
-        print(f"  {name}: {round(time.monotonic() - part_started, 1)} s")
-        save()
-        if interrupted:
-            break
+            print(f"  {name}: {round(time.monotonic() - part_started, 1)} s")
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    # A GPU runs the parts one after the other (its memory, the disk); a dry run side by side (two CPU cores).
+    pool = ThreadPoolExecutor(len(parts) if args.dry_run else 1)
+    try:
+        for future in [pool.submit(run_part, name, part) for name, part in parts]:
+            future.result()
+            save()
+    except Interrupted:
+        Job.stopping = True  # no new start; the jobs in flight die with their process groups
+        for name, _ in parts:
+            result.setdefault(name + "_error", "stopped by SIGTERM (the time limit), figures so far kept")
+    finally:
+        for job in list(Job.live):
+            job.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
     if args.work is None:
         shutil.rmtree(root, ignore_errors=True)
     save()
     print(f"wrote {args.out} ({result['wall_seconds']} s)")
     print(table(result))
-    failed = [k for k in ("resume_error", "7b_error") if k in result]
+    failed = [k for k in result if k.endswith("_error")]
     return 0 if result["checks"] and all(result["checks"].values()) and not failed else 1
 
 
