@@ -4,11 +4,13 @@ No harness: each run is the job itself in a subprocess (JSON logs read from its 
 initialised Mistral-architecture model saved as safetensors with the Mistral v3 tokenizer, local chat data
 and a local store. Two parts (`--only` runs one):
 
-- `resume`: a ~1.2B model (hidden 2048, 22 layers: its 9.4 GB checkpoints leave room on a 64 GiB disk).
-  Run A trains N optimizer steps uninterrupted (a checkpoint every k); run B, same config, gets SIGTERM
-  once checkpoint k is saved and must exit 75 within `checkpoint.grace_seconds`, then restarts and exits 0.
-  Reported: max |dw| between the two final models (GPU kernels need not be bitwise), whether the per-step
-  losses match, each checkpoint's blocked seconds, and the compile lines of each start.
+- `resume`: a ~0.7B model (hidden 2048, 12 layers; `--layers 22`: ~1.2B, 9.4 GB checkpoints, the most that
+  leaves room on a 64 GiB disk; smaller keeps the part inside its share of a 9-minute device call). Run A
+  trains N optimizer steps uninterrupted (a checkpoint every k); run B, same config, gets SIGTERM once
+  checkpoint k is saved and must exit 75 within `checkpoint.grace_seconds`, then restarts and exits 0. Both
+  run eager (`model.compile: false`: three starts would compile three times). Reported: max |dw| between
+  the two final models (GPU kernels need not be bitwise), whether the per-step losses match, and each
+  checkpoint's blocked, write and upload seconds.
 - `7b`: Mistral-7B-v0.3's architecture (random, ~14.5 GB of bf16 safetensors, built after the resume
   part's files are gone) through the job with the DEFAULT config (only data, model, output, scratch,
   max_steps and logging_steps set) for a few optimizer steps, then SIGTERM before any checkpoint (a 58 GB
@@ -47,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 CARD_96GB_MIB = 97_887
 MiB, GiB = 1 << 20, 1 << 30
-RESUME_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+RESUME_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 12,
                 "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128}  # fmt: skip
 TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}  # fmt: skip
@@ -341,14 +343,15 @@ def resume_part(work: Path, args: argparse.Namespace, env: dict[str, str], resul
     """Fills `result` as it goes (a part cut short by its time limit keeps what it measured)."""
     device, dtype = ("cpu", "float32") if args.dry_run else ("cuda", "bfloat16")
     model_dir = work / "model"
-    params = build_model(model_dir, TINY_SHAPE if args.dry_run else RESUME_SHAPE, device=device, dtype=dtype)
+    shape = TINY_SHAPE if args.dry_run else {**RESUME_SHAPE, "num_hidden_layers": args.layers}
+    params = build_model(model_dir, shape, device=device, dtype=dtype)
     max_length = 64 if args.dry_run else 1024
     data = write_data(work / "data" / "train.jsonl", 64 if args.dry_run else 256, max_length + 100)
 
     def config(name: str) -> Path:
         values = {
             "run": {"name": name, "output": str(work / "store"), "scratch": str(work / "scratch")},
-            "model": {"source": str(model_dir), **({"dtype": "float32"} if args.dry_run else {})},
+            "model": {"source": str(model_dir), "compile": False, **({"dtype": "float32"} if args.dry_run else {})},
             "data": {"train": str(data), "max_length": max_length},
             "train": {"max_steps": args.steps, "logging_steps": 1},
             "checkpoint": {"every_steps": args.every, "keep": 1},
@@ -530,14 +533,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", choices=["resume", "7b"], help="run one part (default: both, resume first)")
     p.add_argument("--steps", type=int, help="optimizer steps of the resume runs (default 6; 8 in a dry run)")
     p.add_argument("--every", type=int, default=3, help="checkpoint every k steps; SIGTERM once step k is saved")
-    p.add_argument("--big-steps", type=int, help="step lines to read from the 7B run (default 5; 1 in a dry run)")
+    p.add_argument("--layers", type=int, default=12, help="decoder layers of the resume part's model (hidden 2048)")
+    p.add_argument("--big-steps", type=int, help="step lines to read from the 7B run (default 4; 1 in a dry run)")
     p.add_argument("--job-timeout", type=float, default=600, help="seconds any one start may take")
     p.add_argument("--no-cap", action="store_true", help="do not cap GPU memory at the 96 GB card's 97,887 MiB")
     p.add_argument("--work", type=Path, help="working directory (default: a new temporary one, removed after)")
     p.add_argument("--out", type=Path, default=Path("gpu_job.json"), help="where the JSON goes")
     args = p.parse_args(argv)
     args.steps = args.steps or (8 if args.dry_run else 6)
-    args.big_steps = args.big_steps or (1 if args.dry_run else 5)
+    args.big_steps = args.big_steps or (1 if args.dry_run else 4)
     if not 1 <= args.every < args.steps:
         p.error("--every must be at least 1 and below --steps")
     return args
