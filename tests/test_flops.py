@@ -71,3 +71,18 @@ def test_mfu_and_hfu() -> None:
 def test_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         flops.flops_per_token(flops.FlopShape(1, 1), 0, 10)
+
+
+def test_a_capped_process_plans_for_its_cap_not_the_whole_card(monkeypatch) -> None:
+    # No GPU here: CUDA's two answers are faked (an H200 capped at the 96 GB card's 97,887 MiB).
+    import torch
+
+    from job.plan.flops import usable_memory_bytes
+
+    total = 143_771 * 2**20
+    props = type("Props", (), {"total_memory": total, "name": "NVIDIA H200"})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=0: props)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=0: 97_887 / 143_771)
+    assert abs(usable_memory_bytes(0) - 97_887 * 2**20) <= 1
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=0: 1.0)
+    assert usable_memory_bytes(0) == total

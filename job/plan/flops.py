@@ -44,7 +44,7 @@ class GpuInfo:
     name: str
     """The device name as CUDA reports it, e.g. "NVIDIA RTX PRO 6000 Blackwell Server Edition"."""
     memory_bytes: int
-    """Total device memory (`torch.cuda.get_device_properties().total_memory`)."""
+    """Device memory this process may use (`usable_memory_bytes`)."""
     peak_flops: float | None
     """Dense bf16 peak FLOP/s from `PEAK_BF16_FLOPS`; None when the model is not in the table."""
 
@@ -81,7 +81,17 @@ def detect_gpu(device: int = 0) -> GpuInfo | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(device)
-    return GpuInfo(name=props.name, memory_bytes=int(props.total_memory), peak_flops=peak_bf16_flops(props.name))
+    return GpuInfo(name=props.name, memory_bytes=usable_memory_bytes(device), peak_flops=peak_bf16_flops(props.name))
+
+
+def usable_memory_bytes(device: int = 0) -> int:
+    """The card's memory, or the share this process may use when it was capped
+    (`torch.cuda.set_per_process_memory_fraction`: e.g. an H200 imitating a 96 GB card)."""
+    import torch
+
+    total = int(torch.cuda.get_device_properties(device).total_memory)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return int(total * min(fraction(device), 1.0)) if fraction is not None else total
 
 
 def flop_shape(config: Any) -> FlopShape:

@@ -18,6 +18,7 @@ from typing import Any
 
 from job.errors import ConfigError
 from job.plan.budget import gpu_budgets, layer_count, model_config_at
+from job.plan.flops import usable_memory_bytes
 from job.plan.speed import MEMORY_TARGET, CheckpointBudget, Layout, decide_layout, every_n_of, parse_layers, splits
 
 __all__ = ["MEMORY_TARGET", "CheckpointBudget", "DeviceInfo", "FastPath", "FastPathInputs", "decide"]
@@ -340,7 +341,7 @@ def detect_device(device: str = "cuda") -> DeviceInfo:
         "cuda",
         name=props.name,
         capability=(props.major, props.minor),
-        memory_bytes=int(props.total_memory),
+        memory_bytes=usable_memory_bytes(0),  # a per-process cap counts
         cuda=torch.version.cuda,
         torch=torch.__version__,
     )
