@@ -153,50 +153,45 @@ def master_update(w: Tensor, master: Tensor, g: Tensor, m: Tensor, v: Tensor, ba
     w.copy_(w32.to(w.dtype))
 
 
-def _blocks(x: Tensor, nb: int) -> Tensor:
-    pad = nb * BLOCK - x.numel()
-    return (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(nb, BLOCK)
-
-
 def _quantize(x: Tensor, u: Tensor, floor: bool) -> tuple[Tensor, Tensor]:
     """fp32 blocks -> (e4m3 values stochastically rounded, fp32 scale per block); `floor` keeps positives > 0."""
-    amax = x.abs().amax(dim=1)
+    amax = x.abs().amax(dim=1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    y = (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX)
-    y = _round(y, u, FP8)
+    y = _round((x / scale).clamp(-FP8_MAX, FP8_MAX), u, FP8)
     if floor:
         y = torch.where(x > 0, y.clamp(min=FP8_TINY), y)
-    return y.to(FP8), scale
+    return y.to(FP8), scale.view(-1)
 
 
-def sr8_update(
-    w: Tensor,
-    g: Tensor,
-    mq: Tensor,
-    ms: Tensor,
-    rq: Tensor,
-    rs: Tensor,
-    base: int,
-    hp: Tensor,
-) -> None:
+def sr8_update(w: Tensor, g: Tensor, mq: Tensor, ms: Tensor, rq: Tensor, rs: Tensor, base: int, hp: Tensor) -> None:
     """`adamw_8bit_sr` on one chunk: m and √v as e4m3 with a scale per BLOCK, weights stochastically rounded.
 
-    `ms` and `rs` are the chunk's scales; a chunk starts on a block boundary, its last block may be partial.
+    `ms` and `rs` are the chunk's scales; a chunk starts on a block boundary. A partial last block
+    (eager only) is padded with zeros, as the scale of a block only counts its real elements.
     """
     n, nb = w.numel(), ms.numel()
-    counter = _counter(nb * BLOCK, base, w.device)
-    m32 = (_blocks(mq.float(), nb) * ms[:, None]).view(-1)[:n]
-    r32 = (_blocks(rq.float(), nb) * rs[:, None]).view(-1)[:n]
-    w32, m32, v32 = _adamw(w.float(), g.float(), m32, r32 * r32, hp)
-    qm, sm = _quantize(_blocks(m32, nb), _uniform(counter, _SALTS[0]).view(nb, BLOCK), floor=False)
-    qr, sr = _quantize(_blocks(_sqrt(v32), nb), _uniform(counter, _SALTS[1]).view(nb, BLOCK), floor=True)
-    mq.copy_(qm.view(-1)[:n])
+    if n < nb * BLOCK:
+        padded = [torch.zeros(nb * BLOCK, dtype=t.dtype, device=t.device) for t in (w, g, mq, rq)]
+        for dst, src in zip(padded, (w, g, mq, rq), strict=True):
+            dst[:n] = src
+        sr8_update(padded[0], padded[1], padded[2], ms, padded[3], rs, base, hp)
+        for dst, src in zip((w, mq, rq), (padded[0], padded[2], padded[3]), strict=True):
+            dst.copy_(src[:n])
+        return
+    # Everything as (block, element): the scale's reduction and the update share one loop over blocks.
+    counter = _counter(n, base, w.device).view(nb, BLOCK)
+    m32 = mq.view(nb, BLOCK).float() * ms[:, None]
+    r32 = rq.view(nb, BLOCK).float() * rs[:, None]
+    w32, m32, v32 = _adamw(w.view(nb, BLOCK).float(), g.view(nb, BLOCK).float(), m32, r32 * r32, hp)
+    qm, sm = _quantize(m32, _uniform(counter, _SALTS[0]), floor=False)
+    qr, sr = _quantize(_sqrt(v32), _uniform(counter, _SALTS[1]), floor=True)
+    mq.copy_(qm.view(-1))
     ms.copy_(sm)
-    rq.copy_(qr.view(-1)[:n])
+    rq.copy_(qr.view(-1))
     rs.copy_(sr)
     if w.dtype in _FORMATS:
-        w32 = _round(w32, _uniform(counter[:n], _SALTS[2]), w.dtype)
-    w.copy_(w32)
+        w32 = _round(w32, _uniform(counter, _SALTS[2]), w.dtype)
+    w.copy_(w32.view(-1))
 
 
 # Compilation --------------------------------------------------------------------------------------
@@ -218,10 +213,16 @@ def can_compile(device: torch.device) -> bool:
         return False
 
 
-_OPTIONS = {"emulate_precision_casts": True, "cpp.dynamic_threads": True}
-"""emulate_precision_casts: without it inductor folds `x.to(bf16).float()` into x, and the Kahan
-compensation is always zero. cpp.dynamic_threads: CPU kernels compiled for a small first chunk would
-otherwise stay on one thread for every size."""
+_OPTIONS = {
+    "emulate_precision_casts": True,
+    "eager_numerics.division_rounding": True,
+    "eager_numerics.disable_ftz": True,
+    "cpp.dynamic_threads": True,
+}
+"""emulate_precision_casts: without it inductor folds `x.to(bf16).float()` into x (the Kahan compensation
+and every stochastic rounding would vanish) and Triton fuses multiply-adds. division_rounding and
+disable_ftz: Triton's `/` is approximate and flushes denormals unless told; eager CUDA does neither.
+cpp.dynamic_threads: CPU kernels compiled for a small first chunk would otherwise run on one thread."""
 
 
 def _compile(fn: Callable[..., None]) -> Callable[..., None]:
