@@ -26,8 +26,9 @@ DEFAULT_OPTIMIZER = "adamw_kahan"
 CHUNK = 1 << 23
 """Elements updated at once by the eager step (its fp32 temporaries: ~12 x 4 bytes each); a power of two."""
 COMPILED_CHUNK = 1 << 26
-"""Elements per compiled call: the fused kernel keeps no temporaries (adamw_8bit_sr: 4 bytes each), and
-fewer, larger calls keep Python's ~60 us per call behind the GPU (7B: ~300 calls, not 961)."""
+"""Elements per compiled call of adamw_kahan and adamw_fp32_master, whose kernels keep no temporaries:
+fewer, larger calls keep Python's ~60 us per call behind the GPU (7B: ~300 calls, not 961).
+adamw_8bit_sr's kernels keep up to 16 bytes per element between passes: it stays at CHUNK."""
 _LOW16 = torch.bfloat16, torch.float16
 
 
@@ -43,6 +44,7 @@ class _ChunkedAdamW(torch.optim.Optimizer):
     state_keys: tuple[str, ...] = ()
     _update: Callable[..., None]
     _align = 1  # a compiled call takes a multiple of this many elements
+    _compiled_chunk = COMPILED_CHUNK
 
     def __init__(
         self,
@@ -105,7 +107,7 @@ class _ChunkedAdamW(torch.optim.Optimizer):
     def _fused_step(self, p: Tensor, state: dict[str, Any], hp: Tensor, key: tuple[int, int, int]) -> None:
         """The fused update over `p`, chunk by chunk; `key` (seed, step, parameter index) seeds the noise."""
         compiled = self._use_compiled(p)
-        chunk = self.chunk_size or (COMPILED_CHUNK if compiled else CHUNK)
+        chunk = self.chunk_size or (self._compiled_chunk if compiled else CHUNK)
         for lo in range(0, p.numel(), chunk):
             hi = min(lo + chunk, p.numel())
             # A ragged end (fp8: a partial block) runs eagerly: one compiled graph, not two.
@@ -242,6 +244,7 @@ class AdamW8bitSR(_ChunkedAdamW):
     state_keys = ("exp_avg", "exp_avg_scale", "exp_avg_sq_sqrt", "exp_avg_sq_sqrt_scale")
     _update = staticmethod(fused.sr8_update)
     _align = BLOCK
+    _compiled_chunk = CHUNK
 
     def _init(self, p: Tensor, state: dict[str, Any]) -> None:
         blocks = -(-p.numel() // BLOCK)

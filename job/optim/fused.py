@@ -240,6 +240,8 @@ def run(fn: Callable[..., None], compiled: bool, *args: Any) -> bool:
         try:
             _compile(fn)(*args)
             return True
+        except torch.OutOfMemoryError:  # not a compile failure: eager would need more
+            raise
         except Exception as exc:  # a compile failure must never stop a run
             _broken.add(fn)
             log.warning("optimizer_compile_failed", function=fn.__name__, error=f"{type(exc).__name__}: {exc}"[:500])
