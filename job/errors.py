@@ -7,6 +7,8 @@ only `job.cli` turns them into a process exit status.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 
 class JobError(Exception):
     """Base class: a failure the job understands, with a message for humans."""
@@ -21,6 +23,17 @@ class JobError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+def resurface(error: BaseException, where: str) -> NoReturn:
+    """Raise a background thread's failure in this thread, keeping its class (and so its exit code)."""
+    if not isinstance(error, JobError):
+        raise JobError(f"{where}: {type(error).__name__}: {error}") from error
+    surfaced = error.__class__.__new__(error.__class__)  # no subclass __init__ to satisfy
+    surfaced.__dict__.update(error.__dict__)
+    surfaced.message = f"{where}: {error.message}"
+    surfaced.args = (surfaced.message,)
+    raise surfaced from error
 
 
 class ConfigError(JobError):

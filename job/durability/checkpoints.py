@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job.durability import faults
-from job.errors import DataError, JobError
+from job.errors import DataError, JobError, resurface
 from job.logs import get_logger
 from job.storage import LocalStore, Store, join_key
 from job.storage.base import commit_manifest
@@ -244,14 +244,7 @@ class CheckpointUploader:
         error = self.error
         if error is None:
             return
-        where = f"background upload of checkpoint step {self.error_step} failed"
-        if not isinstance(error, JobError):
-            raise JobError(f"{where}: {type(error).__name__}: {error}") from error
-        surfaced = error.__class__.__new__(error.__class__)  # no subclass __init__ to satisfy
-        surfaced.__dict__.update(error.__dict__)
-        surfaced.message = f"{where}: {error.message}"
-        surfaced.args = (surfaced.message,)
-        raise surfaced from error
+        resurface(error, f"background upload of checkpoint step {self.error_step} failed")
 
     def submit(self, step: int, local: Path) -> None:
         self.raise_if_failed()

@@ -41,7 +41,7 @@ from job.durability.staging import (
     host_memory_limit_bytes,
     plan_staging,
 )
-from job.errors import JobError, TrainingFailed
+from job.errors import TrainingFailed, resurface
 from job.logs import get_logger
 
 log = get_logger(__name__)
@@ -278,14 +278,7 @@ class CheckpointWriter:
         error = self.error
         if error is None:
             return
-        where = f"background write of checkpoint step {self.error_step} failed"
-        if not isinstance(error, JobError):
-            raise JobError(f"{where}: {type(error).__name__}: {error}") from error
-        surfaced = error.__class__.__new__(error.__class__)  # no subclass __init__ to satisfy
-        surfaced.__dict__.update(error.__dict__)
-        surfaced.message = f"{where}: {error.message}"
-        surfaced.args = (surfaced.message,)
-        raise surfaced from error
+        resurface(error, f"background write of checkpoint step {self.error_step} failed")
 
     def release(self) -> None:
         """Give the staging buffers' host memory back (after training); a later save allocates anew."""

@@ -19,7 +19,6 @@ import platform
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from transformers import TrainerCallback
 from job.errors import TrainingFailed
 from job.logs import get_logger
 from job.storage import Store
+from job.train.fastpath import installed_packages
 
 log = get_logger(__name__)
 
@@ -172,13 +172,7 @@ class CompileStats:
 
 
 def package_versions(names: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str, str]:
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+    return installed_packages(names)
 
 
 def key_inputs(
