@@ -21,7 +21,8 @@ On a card larger than 96 GB the job is capped at 97,887 MiB through `PYTORCH_CUD
 per_process_memory_fraction:F` when this torch honours it and the job's planner sees the cap; otherwise
 it runs uncapped and the JSON says so. `--dry-run` runs the same flow on CPU with a tiny model (float32
 for the resume part: bitwise, max |dw| 0.0) in well under a minute. Prints a short table last, writes
-every figure as JSON (`--out`) and exits non-zero when a check fails.
+every figure as JSON (`--out`) and exits non-zero when a check fails. Starting the job, reading its
+lines and building its inputs: bench/job_runs.py.
 """
 
 from __future__ import annotations
@@ -30,35 +31,39 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from job_runs import (
+    CARD_96GB_MIB,
+    REPO,
+    GiB,
+    Interrupted,
+    Job,
+    MiB,
+    build_model,
+    entrypoint,
+    environment,
+    job_env,
+    load_weights,
+    public,
+    write_config,
+    write_data,
+)
+
 sys.path.insert(0, str(REPO))
 
-CARD_96GB_MIB = 97_887
-MiB, GiB = 1 << 20, 1 << 30
 RESUME_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 12,
                 "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128}  # fmt: skip
 TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}  # fmt: skip
-WORDS = (
-    "the of and to in is was for on that with as by at from his it an were are which be this has had not but "
-    "their its or also first after one new two who they been more other her into time only most some years she "
-    "over him when city all up between out during where about later three then than world there used can both "
-    "would many such while including under known these made school state war through well part may them before"
-)
 # The job itself (entrypoint.py run as __main__), started through this wrapper only for the 7B part: there its
 # allocator is capped at the 96 GB card's size before anything runs (`fraction`; 0: no cap), and a disk too
 # small for the default run's three 58 GB checkpoints reports `extra` more free bytes (the run stops before
@@ -77,173 +82,13 @@ runpy.run_path({entry!r}, run_name="__main__")
 """
 
 
-class Interrupted(Exception):
-    """SIGTERM to this script (its time limit): stop the job in flight, keep what was measured."""
-
-
-class Job:
-    """`entrypoint.py train` in its own process group; its JSON log lines collected as they come."""
-
-    live: ClassVar[list[Job]] = []
-    """Jobs started and not yet waited for: killed (with their process groups) if this script is stopped."""
-    stopping: ClassVar[bool] = False
-    """Set when this script is stopped: no job starts after that."""
-
-    def __init__(self, config: Path, env: dict[str, str], wrapped: tuple[int, float] | None = None) -> None:
-        if Job.stopping:
-            raise Interrupted("stopping")
-        entry = str(REPO / "entrypoint.py")
-        args = ["train", "--config", str(config)]
-        if wrapped is None:
-            argv = [sys.executable, entry, *args]
-        else:  # (extra free bytes, memory fraction)
-            argv = [sys.executable, "-c", WRAPPER.format(entry=entry), str(wrapped[0]), str(wrapped[1]), *args]
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        self.lines: list[dict[str, Any]] = []
-        self.tail: list[str] = []
-        self.signalled: float | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        Job.live.append(self)
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self.tail = [*self.tail[-30:], raw]
-            with contextlib.suppress(json.JSONDecodeError):
-                line = json.loads(raw)
-                if isinstance(line, dict):
-                    line["_t"] = round(time.monotonic() - self.started, 3)
-                    self.lines.append(line)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [line for line in list(self.lines) if line.get("event") == name]
-
-    def first(self, name: str) -> dict[str, Any]:
-        """The first line of event `name` so far ({} if none)."""
-        return next(iter(self.events(name)), {})
-
-    def wait_for(self, event: str, timeout: float, count: int = 1, **fields: Any) -> dict[str, Any] | None:
-        """The `count`-th line of `event` with `fields`; None if the job ended or time ran out first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [e for e in self.events(event) if all(e.get(k) == v for k, v in fields.items())]
-            if len(found) >= count:
-                return found[count - 1]
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                return None
-            time.sleep(0.02)
-        return None
-
-    def terminate(self) -> None:
-        self.signalled = time.monotonic()
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)  # the job itself; it settles its own workers
-
-    def wait(self, timeout: float) -> int:
-        """Exit code; a job past `timeout` is killed with its process group (-9)."""
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            code = self.proc.wait()
-        self._reader.join(timeout=10)
-        with contextlib.suppress(ValueError):
-            Job.live.remove(self)
-        return code
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-    def exit_seconds(self) -> float | None:
-        """Seconds from SIGTERM to exit."""
-        return None if self.signalled is None else round(time.monotonic() - self.signalled, 2)
-
-    def timeline(self) -> dict[str, float]:
-        """Seconds after start of the first line of each phase (where the time of a start goes)."""
-        marks = ("data_ready", "model_loaded", "training_started", "step", "preemption_signal", "run_finished")
-        seen: dict[str, float] = {}
-        for line in list(self.lines):
-            if line.get("event") in marks:
-                seen.setdefault(line["event"], line["_t"])
-        return {**seen, "last_line": self.lines[-1]["_t"] if self.lines else None}
-
-    def compile_lines(self) -> list[dict[str, Any]]:
-        return [_public(e) for e in self.lines if "compile" in str(e.get("event", ""))]
-
-    def error_tail(self) -> str:
-        return "".join(self.tail)[-3000:]
-
-
-def _public(line: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in line.items() if k not in ("run", "level", "logger", "timestamp")}
-
-
-# ---------------------------------------------------------------- inputs: model, data, config
-
-
-_BUILD = threading.Lock()  # the dry run's parts run side by side; torch's seed is global
-
-
-def build_model(directory: Path, values: dict[str, Any], *, device: str, dtype: str) -> int:
-    """A randomly initialised Mistral-architecture model with the Mistral v3 tokenizer; its parameter count."""
-    with _BUILD:
-        return _build_model(directory, values, device=device, dtype=dtype)
-
-
-def _build_model(directory: Path, values: dict[str, Any], *, device: str, dtype: str) -> int:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from job.model.tiny import write_tokenizer
-
-    write_tokenizer(directory)
-    values = {"vocab_size": 32768, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
-              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, **values}  # fmt: skip
-    values.pop("architectures", None)
-    config = AutoConfig.for_model(values.pop("model_type", "mistral"), **values)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.generation_config.bos_token_id, model.generation_config.eos_token_id = 1, 2
-    model.save_pretrained(directory)
-    count = sum(p.numel() for p in model.parameters())
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return count
-
-
-def write_data(path: Path, records: int, words: int) -> Path:
-    """Chat records with a short prompt and a long answer: nearly every token is trained (tokens/s counts
-    trained tokens), and answers longer than `data.max_length` fill whole rows."""
-    rng, vocabulary = random.Random(0), WORDS.split()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        for i in range(records):
-            answer = " ".join(rng.choice(vocabulary) for _ in range(words))
-            messages = [{"role": "user", "content": f"Write passage {i}."}, {"role": "assistant", "content": answer}]
-            out.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
-def write_config(path: Path, values: dict[str, dict[str, Any]]) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
-    return path
-
-
-def job_env(base: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in base.items() if not k.startswith("SFT_")}
-    env.update({"SFT_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    return env
+def start(config: Path, env: dict[str, str], wrapped: tuple[int, float] | None = None) -> Job:
+    """`entrypoint.py train --config CONFIG`; `wrapped` (extra free bytes, memory fraction): through WRAPPER."""
+    args = ["train", "--config", str(config)]
+    if wrapped is None:
+        return Job(entrypoint(*args), env)
+    code = WRAPPER.format(entry=str(REPO / "entrypoint.py"))
+    return Job([sys.executable, "-c", code, str(wrapped[0]), str(wrapped[1]), *args], env)
 
 
 # ---------------------------------------------------------------- the card and its memory cap
@@ -283,33 +128,11 @@ def memory_cap(env: dict[str, str], enabled: bool) -> dict[str, Any]:
     return {**info, "fraction": fraction, "why": f"torch.cuda.set_per_process_memory_fraction({fraction})"}
 
 
-def environment(dry_run: bool) -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(), "host": platform.node(), "dry_run": dry_run}
-    for name in ("torch", "transformers", "trl", "datasets", "accelerate", "safetensors", "flash-attn", "liger-kernel"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            env[name] = metadata.version(name)
-    with contextlib.suppress(Exception):
-        query = "--query-gpu=name,driver_version,memory.total"
-        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-        name, driver, memory = (part.strip() for part in out.stdout.splitlines()[0].split(","))
-        env.update(gpu=name, driver=driver, gpu_memory=memory)
-    return env
-
-
 # ---------------------------------------------------------------- part 1: SIGTERM, resume, compare
 
 
-def final_weights(run_dir: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    weights: dict[str, Any] = {}
-    for path in sorted((run_dir / "final").glob("*.safetensors")):
-        weights.update(load_file(path))
-    return weights
-
-
 def compare_runs(a: Path, b: Path) -> dict[str, Any]:
-    wa, wb = final_weights(a), final_weights(b)
+    wa, wb = load_weights(a / "final"), load_weights(b / "final")
     if not wa or wa.keys() != wb.keys():
         return {"max_abs_dw": None, "tensors": len(wa), "note": "final weights missing or keys differ"}
     dw = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
@@ -335,7 +158,7 @@ def checkpoint_figures(jobs: list[Job]) -> dict[str, Any]:
         "write_seconds": pick("checkpoint_written", "seconds"),
         "upload_seconds": pick("checkpoint_committed", "upload_seconds"),
         "bytes": max(pick("checkpoint_committed", "bytes") or [0]) or None,
-        "staging": [_public(e) for job in jobs for e in job.events("checkpoint_staging")][:1],
+        "staging": [public(e) for job in jobs for e in job.events("checkpoint_staging")][:1],
     }
 
 
@@ -363,7 +186,7 @@ def resume_part(work: Path, args: argparse.Namespace, env: dict[str, str], resul
     result.update(parameters=params, dtype=dtype, max_length=max_length, steps=args.steps, every_steps=args.every)
 
     limit = args.job_timeout
-    a = Job(config("uninterrupted"), env)
+    a = start(config("uninterrupted"), env)
     result["exit_uninterrupted"] = a.wait(limit)
     finished = a.first("run_finished")
     result["tokens_per_second"] = (finished.get("metrics") or {}).get("tokens_per_second")
@@ -371,7 +194,7 @@ def resume_part(work: Path, args: argparse.Namespace, env: dict[str, str], resul
         result["error_tail"] = a.error_tail()
     shutil.rmtree(work / "scratch" / "runs" / "uninterrupted", ignore_errors=True)  # disk room for run B
 
-    b = Job(config("preempted"), env)
+    b = start(config("preempted"), env)
     saved = b.wait_for("checkpoint_saved_locally", limit, step=args.every)
     grace = float(b.first("config_resolved").get("config", {}).get("checkpoint", {}).get("grace_seconds")
                   or 25.0)  # fmt: skip
@@ -384,7 +207,7 @@ def resume_part(work: Path, args: argparse.Namespace, env: dict[str, str], resul
     result["newest_durable_step"] = b.first("preempted").get("newest_durable_step")
     if result["exit_sigterm"] != 75:
         result["error_tail_sigterm"] = b.error_tail()
-    c = Job(config("preempted"), env)
+    c = start(config("preempted"), env)
     result["exit_restart"] = c.wait(limit)
     result["resumed_from_step"] = c.first("resuming").get("step")
     if result["exit_restart"] != 0:
@@ -392,7 +215,7 @@ def resume_part(work: Path, args: argparse.Namespace, env: dict[str, str], resul
     result["checkpoints"] = checkpoint_figures([a, b, c])
     result["compile_lines"] = {"uninterrupted": a.compile_lines(), "first_start": b.compile_lines(),
                                "restart": c.compile_lines()}  # fmt: skip
-    result["fast_path"] = _public(a.first("fast_path"))
+    result["fast_path"] = public(a.first("fast_path"))
     result["timelines"] = {"uninterrupted": a.timeline(), "first_start": b.timeline(), "restart": c.timeline()}
     if (work / "store" / "uninterrupted" / "final").is_dir() and (work / "store" / "preempted" / "final").is_dir():
         result.update(compare_runs(work / "store" / "uninterrupted", work / "store" / "preempted"))
@@ -417,7 +240,7 @@ def big_part(work: Path, args: argparse.Namespace, env: dict[str, str], result: 
     # The job checks for room for three checkpoints (~8 bytes per parameter each) before training; it writes none.
     extra = max(0, 3 * 16 * params - shutil.disk_usage(work).free)
     result.update(parameters=params, config=values, scratch_free_space_pretended_gib=round(extra / GiB, 1))
-    job = Job(config, env, wrapped=(extra, cap["fraction"]))
+    job = start(config, env, wrapped=(extra, cap["fraction"]))
     try:
         line = job.wait_for("step", args.job_timeout, count=args.big_steps)
         if line is not None and job.proc.poll() is None:
@@ -447,7 +270,7 @@ def step_figures(job: Job, wanted: int) -> dict[str, Any]:
     steady = steps[1:] or steps  # the first step compiles and warms up
     figures = {
         "sigterm_to_exit_seconds": job.exit_seconds(),
-        "fast_path": _public(job.first("fast_path")),
+        "fast_path": public(job.first("fast_path")),
         "compile_lines": job.compile_lines(),
         "timeline": job.timeline(),
         "steps": steps,
@@ -551,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     env = job_env(dict(os.environ))
+    env.setdefault("PYTHONWARNINGS", "ignore")
     if args.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""
     result: dict[str, Any] = {

@@ -26,27 +26,20 @@ run, so a run cut short keeps what it measured) holds every figure. A run that r
 
 Separately (issue 9), `--fsdp-check` (on by default) saves a sharded FSDP2 model + optimizer state with
 torch.distributed.checkpoint, restores it into a fresh model, and checks the next step is identical:
-one rank per visible GPU (NCCL), or two CPU ranks (gloo) in `--dry-run`.
+one rank per visible GPU (NCCL), or two CPU ranks (gloo) in `--dry-run` (bench/fsdp_check.py).
 
 `--dry-run` runs every code path on CPU with a tiny config in seconds (timings meaningless). Needs torch,
-transformers, structlog and this project (trl optional).
+transformers, structlog and this project (trl optional). One run's steps and figures: bench/throughput_run.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
-import os
 import platform
-import socket
-import statistics
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,7 +48,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job.optim.adamw import DEFAULT_OPTIMIZER, build_optimizer
+from fsdp_check import fsdp2_check
+from job_runs import CARD_96GB_MIB, MiB, nvidia_smi
+from throughput_run import LR, SEED_OPTIMIZER, add_loss_head, build_model, free, run_one
+
+from job.optim.adamw import DEFAULT_OPTIMIZER
 from job.plan import flops
 from job.plan.memory import MISTRAL_7B_V03
 from job.train.fastpath import (
@@ -63,17 +60,11 @@ from job.train.fastpath import (
     DeviceInfo,
     FastPath,
     FastPathInputs,
-    apply_activation_checkpointing,
     checkpoint_budget,
     decide,
     detect_device,
-    enable_tf32,
     installed_packages,
 )
-
-MiB, GiB = 1 << 20, 1 << 30
-CARD_96GB_MIB = 97_887
-"""What an RTX PRO 6000 (96 GB) reports; larger cards are capped to it."""
 
 TINY: dict[str, Any] = {
     **MISTRAL_7B_V03,
@@ -86,8 +77,6 @@ TINY: dict[str, Any] = {
     "head_dim": 16,
     "max_position_embeddings": 256,
 }
-LR = 5e-6
-SEED_OPTIMIZER = "adamw_torch_fused"
 SEED_BATCH, SEED_ACCUM = 2, 8
 TARGET_MFU = {2048: 0.50, 4096: 0.48}
 TARGET_SPEEDUP, TARGET_PEAK_GIB, TARGET_OPTIMIZER_MS = 1.25, 90.0, 60.0
@@ -147,17 +136,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def _driver_version() -> str | None:
-    with contextlib.suppress(Exception):
-        import subprocess
-
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-    return None
+    row = nvidia_smi("driver_version")
+    return row[0] if row else None
 
 
 def cap_memory(device: torch.device, enabled: bool) -> int | None:
@@ -173,38 +153,6 @@ def cap_memory(device: torch.device, enabled: bool) -> int | None:
 
 
 # ---------------------------------------------------------------- model and recipes
-
-
-def build_model(values: dict[str, Any], device: torch.device) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    values = dict(values)
-    config = AutoConfig.for_model(values.pop("model_type"), **values)
-    config.use_cache = False
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.train()
-    return model
-
-
-def add_loss_head(model: Any) -> str:
-    """TRL's chunked LM head, as the job trains (no full logits); the model's own loss if trl is missing."""
-    try:
-        from trl.trainer.utils import add_fused_lm_head
-    except Exception:  # trl absent or incompatible here: full logits, recorded
-        return "model (full logits; trl not importable)"
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
-    return "trl_fused"
-
-
-def set_attention(model: Any, name: str) -> None:
-    if getattr(model.config, "_attn_implementation", None) == name:
-        return
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # older transformers
-        model.config._attn_implementation = name
 
 
 def seed_fast_path(device: DeviceInfo) -> FastPath:
@@ -243,304 +191,6 @@ def batch_split(fast: FastPath, args: argparse.Namespace) -> tuple[int, int]:
     batch = getattr(fast, "batch_size", None) or args.batch or SEED_BATCH
     accum = getattr(fast, "grad_accum", None) or args.accum or SEED_ACCUM
     return int(batch), int(accum)
-
-
-def make_optimizer(name: str, model: Any, device: torch.device) -> torch.optim.Optimizer:
-    if name != SEED_OPTIMIZER:
-        return build_optimizer(name, model, lr=LR, weight_decay=0.0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
-    except (RuntimeError, ValueError):  # a device without the fused kernel
-        return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=True)
-
-
-@contextlib.contextmanager
-def compiled_layers(model: Any, enabled: bool) -> Iterator[dict[str, Any]]:
-    """Each decoder layer compiled for the duration, as the job compiles it (`job.train.compile` when this tree
-    has it, else `nn.Module.compile` per layer); yields how, and why it fell back to eager if it did."""
-    info: dict[str, Any] = {"compiled_with": None}
-    if not enabled:
-        yield info
-        return
-    layers = list(model.model.layers)
-    try:
-        from job.train.compile import compile_layers
-    except ImportError:
-        compile_layers = None
-    handle = compile_layers(model, forced=False) if compile_layers is not None else None
-    if handle is not None:
-        info["compiled_with"] = "job.train.compile.compile_layers"
-    else:
-        for layer in layers:
-            layer.compile()
-        info["compiled_with"] = "nn.Module.compile per decoder layer"
-    try:
-        yield info
-    finally:  # the next run of the same model is eager again
-        info["compile_failure"] = getattr(handle, "failure", None)
-        for layer in layers:
-            layer._compiled_call_impl = None
-
-
-def recomputed_layers(model: Any) -> tuple[int, int]:
-    """(decoder layers that recompute their forward, decoder layers), read from the model's own flags."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5.24's name
-    on = getattr(model, "is_gradient_checkpointing", False) if on is None else on
-    return (sum(bool(layer.gradient_checkpointing) for layer in layers) if on else 0), len(layers)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def timed_step(optimizer: torch.optim.Optimizer, device: torch.device) -> Callable[[], float]:
-    """Run optimizer.step(); return a function giving its milliseconds (CUDA events: read after a sync)."""
-    if device.type != "cuda":
-        started = time.perf_counter()
-        optimizer.step()
-        ms = (time.perf_counter() - started) * 1000
-        return lambda: ms
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    optimizer.step()
-    end.record()
-    return lambda: begin.elapsed_time(end)
-
-
-def _train_steps(model: Any, optimizer_name: str, run: dict[str, Any], args: argparse.Namespace,
-                 device: torch.device, fused_head: bool, figures: dict[str, list[float]]) -> None:  # fmt: skip
-    """Warm-up then timed optimizer steps; its own frame, so an OOM frees every tensor it made."""
-    batch, accum, seq = run["batch"], run["accum"], run["seq"]
-    gen = torch.Generator(device="cpu").manual_seed(seq)
-    batches = [torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen).to(device) for _ in range(accum)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(optimizer_name, model, device)
-    kwargs = {"fused_lm_head": True} if fused_head else {}
-    for step in range(args.warmup + args.steps):
-        sync(device)
-        started = time.perf_counter()
-        total = torch.zeros((), device=device)
-        for ids in batches:
-            out = model(input_ids=ids, labels=ids, **kwargs)
-            (out.loss / accum).backward()
-            total += out.loss.detach() / accum
-            del out
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer_ms = timed_step(optimizer, device)
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        seconds = time.perf_counter() - started
-        if step < args.warmup:
-            figures["warmup_seconds"].append(seconds)  # the first includes compilation
-        else:
-            figures["step_seconds"].append(seconds)
-            figures["losses"].append(round(float(total), 4))
-            figures["optimizer_ms"].append(optimizer_ms())
-
-
-def run_one(
-    model: Any,
-    *,
-    recipe: str,
-    optimizer_name: str,
-    fast: FastPath,
-    seq: int,
-    batch: int,
-    accum: int,
-    args: argparse.Namespace,
-    device: torch.device,
-    peak_flops: float | None,
-    fused_head: bool,
-    compiled: bool = False,
-) -> dict[str, Any]:
-    """Warm-up and timed optimizer steps of one recipe at one length; every figure of the run."""
-    cfg = model.config
-    set_attention(model, fast.attn_implementation)
-    if device.type == "cuda":
-        enable_tf32(fast.tf32)
-    apply_activation_checkpointing(model, fast)
-    recomputed, layers = recomputed_layers(model)
-    shape = flops.flop_shape(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    embedding = 0 if cfg.tie_word_embeddings else model.get_input_embeddings().weight.numel()
-    model_fpt = flops.flops_per_token(shape, n_params, seq, embedding_params=embedding)
-    full_recompute_fpt = flops.flops_per_token(shape, n_params, seq, embedding_params=embedding, recompute=True)
-    hardware_fpt = model_fpt + recomputed / max(layers, 1) * (full_recompute_fpt - model_fpt)
-    record: dict[str, Any] = {
-        "recipe": recipe + ("+compile" if compiled else ""),
-        "seq": seq,
-        "batch": batch,
-        "accum": accum,
-        "tokens_per_step": batch * seq * accum,
-        "attention": fast.attn_implementation,
-        "tf32": fast.tf32,
-        "checkpointing": fast.checkpointing_mode,
-        "recomputed_layers": recomputed,
-        "layers": layers,
-        "optimizer": optimizer_name,
-        "loss_head": "trl_fused" if fused_head else "model",
-        "compile": compiled,
-        "planned_peak_gib": round(fast.planned_peak_bytes / GiB, 2) if fast.planned_peak_bytes else None,
-        "fast_path_reasons": fast.reasons,
-        "model_flops_per_token": model_fpt,
-        "hardware_flops_per_token": hardware_fpt,
-    }
-    free(device)
-    figures: dict[str, list[float]] = {"step_seconds": [], "warmup_seconds": [], "losses": [], "optimizer_ms": []}
-    try:
-        with compiled_layers(model, compiled) as how:
-            _train_steps(model, optimizer_name, record, args, device, fused_head, figures)
-        record.update(how)
-        record["status"] = "ok" if not how.get("compile_failure") else "ok (compile failed: eager)"
-    except torch.OutOfMemoryError:
-        record["status"] = "oom"
-    except Exception as exc:  # keep the other runs; the JSON says what broke
-        record["status"] = f"error: {type(exc).__name__}: {exc}"[:500]
-        record["traceback"] = traceback.format_exc()[-4000:]
-    if device.type == "cuda":
-        record["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GiB, 2)
-        record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / GiB, 2)
-    else:
-        record["peak_allocated_gib"] = record["peak_reserved_gib"] = None
-    model.zero_grad(set_to_none=True)
-    free(device)
-    step_seconds = figures["step_seconds"]
-    record["step_seconds"] = [round(s, 4) for s in step_seconds]
-    record["warmup_seconds"] = [round(s, 2) for s in figures["warmup_seconds"]]
-    record["losses"] = figures["losses"]
-    record["optimizer_step_ms"] = [round(ms, 2) for ms in figures["optimizer_ms"]]
-    record["optimizer_ms"] = round(statistics.median(figures["optimizer_ms"]), 2) if figures["optimizer_ms"] else None
-    if step_seconds:
-        tps = record["tokens_per_step"] * len(step_seconds) / sum(step_seconds)
-        record["tokens_per_second"] = round(tps, 1)
-        record["mfu"] = round(flops.mfu(tps, model_fpt, peak_flops), 4) if peak_flops else None
-        record["hfu"] = round(flops.hfu(tps, hardware_fpt, peak_flops), 4) if peak_flops else None
-    else:
-        record["tokens_per_second"] = record["mfu"] = record["hfu"] = None
-    return record
-
-
-# ---------------------------------------------------------------- FSDP2 sharded save/restore (issue 9)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fsdp_rank(rank: int, world: int, backend: str, port: int, workdir: str) -> None:
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if backend == "gloo":
-        torch.set_num_threads(1)  # two CPU ranks on a small machine
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    mesh = init_device_mesh(device.type, (world,))
-    values = dict(TINY)
-    config = AutoConfig.for_model(values.pop("model_type"), **values)
-
-    def build(seed: int) -> tuple[Any, torch.optim.Optimizer]:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, config.vocab_size, (2, 32), generator=gen).to(device) for _ in range(3)]
-
-    def step(model: Any, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return float(loss.detach())
-
-    model, optimizer = build(0)
-    for ids in batches[:2]:
-        step(model, optimizer, ids)
-    msd, osd = get_state_dict(model, optimizer)
-    ckpt = os.path.join(workdir, "ckpt")
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
-    loss_a = step(model, optimizer, batches[2])
-    restored, restored_opt = build(123)  # other initial weights: a no-op restore would show
-    msd2, osd2 = get_state_dict(restored, restored_opt)
-    dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=ckpt)
-    set_state_dict(restored, restored_opt, model_state_dict=msd2, optim_state_dict=osd2)
-    loss_b = step(restored, restored_opt, batches[2])
-    first = next(model.parameters())
-    with torch.no_grad():
-        diff = max(
-            float((p.full_tensor() - q.full_tensor()).abs().max())
-            for p, q in zip(model.parameters(), restored.parameters(), strict=True)
-        )
-    result = {
-        "rank": rank,
-        "loss_after_save": loss_a,
-        "loss_after_restore": loss_b,
-        "max_abs_weight_diff": diff,
-        "param_type": type(first).__name__,
-        "placements": [str(pl) for pl in getattr(first, "placements", ())],
-        "local_shard_numel": first.to_local().numel() if hasattr(first, "to_local") else first.numel(),
-        "full_numel": first.numel(),
-    }
-    Path(workdir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def fsdp2_check(device: torch.device) -> dict[str, Any]:
-    """Sharded FSDP2 save (torch.distributed.checkpoint) and restore into a fresh model; next step identical."""
-    import torch.multiprocessing as mp
-
-    if device.type == "cuda":
-        world, backend, method = torch.cuda.device_count(), "nccl", "spawn"  # CUDA cannot fork once initialised
-    else:
-        world, backend, method = 2, "gloo", "fork"  # fork: the children reuse this process's imports
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as workdir:
-        try:
-            mp.start_processes(
-                _fsdp_rank, args=(world, backend, _free_port(), workdir), nprocs=world, start_method=method
-            )
-        except Exception as exc:
-            return {"status": f"error: {type(exc).__name__}: {exc}"[:1000], "world_size": world, "backend": backend}
-        ranks = [json.loads(Path(workdir, f"rank{r}.json").read_text()) for r in range(world)]
-        files = sorted(os.listdir(Path(workdir, "ckpt")))
-    same = all(r["loss_after_save"] == r["loss_after_restore"] and r["max_abs_weight_diff"] == 0.0 for r in ranks)
-    sharded = all(r["param_type"] == "DTensor" for r in ranks)
-    return {
-        "status": "ok" if same and sharded else "mismatch",
-        "world_size": world,
-        "backend": backend,
-        "sharded_files": files,
-        "identical_next_step": same,
-        "ranks": ranks,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
 
 
 # ---------------------------------------------------------------- targets and report
@@ -616,6 +266,13 @@ def pretend_card(values: dict[str, Any], info: DeviceInfo, seq: int) -> int:
     return int((budget.full_bytes + 0.75 * (budget.none_bytes - budget.full_bytes)) / MEMORY_TARGET)
 
 
+def run_fsdp_check(device: torch.device, enabled: bool) -> dict[str, Any]:
+    """The FSDP2 sharded save/restore check on the dry run's tiny model (or `skipped`), its line printed."""
+    fsdp = fsdp2_check(device, TINY) if enabled else {"status": "skipped", "world_size": None, "backend": None}
+    print(f"fsdp2 sharded save/restore: {fsdp['status']} (world {fsdp['world_size']}, {fsdp['backend']})")
+    return fsdp
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -639,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     print(f"bench: {env.get('gpu', 'CPU (dry run)')}, torch {env['torch']}, transformers {env['transformers']}")
     if device.type == "cpu":  # forked before this process starts torch's thread pools (a fork after them hangs)
-        fsdp = fsdp2_check(device) if args.fsdp_check else {"status": "skipped", "world_size": None, "backend": None}
-        print(f"fsdp2 sharded save/restore: {fsdp['status']} (world {fsdp['world_size']}, {fsdp['backend']})")
+        fsdp = run_fsdp_check(device, args.fsdp_check)
     else:
         fsdp = {"status": "pending", "world_size": None, "backend": None}
 
@@ -708,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     del model
     free(device)
     if device.type == "cuda":  # after the throughput runs (they matter most), with the 7B model freed
-        fsdp = fsdp2_check(device) if args.fsdp_check else {"status": "skipped", "world_size": None, "backend": None}
-        print(f"fsdp2 sharded save/restore: {fsdp['status']} (world {fsdp['world_size']}, {fsdp['backend']})")
+        fsdp = run_fsdp_check(device, args.fsdp_check)
     save()
     print(f"wrote {args.out} ({result['wall_seconds']} s)")
     print("\n".join(target_lines(result["targets"], args.dry_run)))

@@ -22,60 +22,31 @@ It exits non-zero when a check fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from job_runs import REPO, Job, entrypoint, job_env, load_weights
+
+WAIT_SECONDS = 1800
+"""The longest one start of the job may take."""
 
 
-class Job:
-    """`entrypoint.py train` in the background, its JSON log lines collected."""
+def expect(job: Job, event: str, timeout: float = 600, **fields: Any) -> dict[str, Any]:
+    """The first line of `event` with `fields`; an error (with the job's last lines) if none comes in time."""
+    line = job.wait_for(event, timeout, **fields)
+    if line is None:
+        raise RuntimeError(f"no {event} {fields}; exit {job.proc.poll()}\n{''.join(job.tail)}")
+    return line
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "entrypoint.py"), *args],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[dict[str, Any]] = []
-        self.tail: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self.tail = [*self.tail[-40:], raw]
-            with contextlib.suppress(json.JSONDecodeError):
-                self.lines.append(json.loads(raw))
-
-    def first(self, event: str, timeout: float = 600, **fields: Any) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items()):
-                    return line
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.1)
-        raise RuntimeError(f"no {event} {fields}; exit {self.proc.poll()}\n{''.join(self.tail)}")
-
-    def wait(self) -> int:
-        code = self.proc.wait(timeout=1800)
-        self._reader.join(timeout=10)
-        return code
+def start(args: list[str], env: dict[str, str]) -> Job:
+    """The launcher in this script's process group: a Ctrl-C here reaches it and its ranks."""
+    return Job(entrypoint(*args), env, new_session=False)
 
 
 def job_args(work: Path, name: str, ranks: int, dry_run: bool) -> list[str]:
@@ -98,9 +69,7 @@ def job_args(work: Path, name: str, ranks: int, dry_run: bool) -> list[str]:
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
-    from safetensors.torch import load_file
-
-    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    first, second = load_weights(a), load_weights(b)
     if first.keys() != second.keys():
         return float("inf")
     return max(float((first[k].float() - second[k].float()).abs().max()) for k in first)
@@ -112,8 +81,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="two gloo ranks on CPU instead of GPUs")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SFT_")}
-    env.update({"SFT_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env = job_env(dict(os.environ))
     if args.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""
     else:
@@ -125,18 +93,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="multi-gpu-job-"))
     os.chdir(REPO)  # the demo config's data paths are relative to the repository
 
-    reference = Job(job_args(work, "reference", args.gpus, args.dry_run), env)
-    started = reference.first("training_started")
-    reference_code = reference.wait()
-    finished = reference.first("run_finished")
+    reference = start(job_args(work, "reference", args.gpus, args.dry_run), env)
+    started = expect(reference, "training_started")
+    reference_code = reference.wait(WAIT_SECONDS)
+    finished = expect(reference, "run_finished")
 
-    preempted = Job(job_args(work, "preempted", args.gpus, args.dry_run), env)
-    peer = preempted.first("process_group_joined", rank=1)["pid"]
-    preempted.first("checkpoint_committed", step=4)
+    preempted = start(job_args(work, "preempted", args.gpus, args.dry_run), env)
+    peer = expect(preempted, "process_group_joined", rank=1)["pid"]
+    expect(preempted, "checkpoint_committed", step=4)
     os.kill(peer, signal.SIGTERM)
-    preempted_code = preempted.wait()
-    resumed = Job(job_args(work, "preempted", args.gpus, args.dry_run), env)
-    resumed_code = resumed.wait()
+    preempted_code = preempted.wait(WAIT_SECONDS)
+    resumed = start(job_args(work, "preempted", args.gpus, args.dry_run), env)
+    resumed_code = resumed.wait(WAIT_SECONDS)
 
     run_dir = work / "outputs" / "preempted"
     checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
@@ -149,7 +117,7 @@ def main() -> int:
         "device": "cpu (gloo)" if args.dry_run else "cuda (nccl)",
         "wrapper": started.get("wrapper"),
         "exit_codes": {"uninterrupted": reference_code, "sigterm_one_rank": preempted_code, "resumed": resumed_code},
-        "resumed_from_step": next((line["step"] for line in resumed.lines if line.get("event") == "resuming"), None),
+        "resumed_from_step": resumed.first("resuming").get("step"),
         "sharded_checkpoint_files": shards,
         "final_loads_on_one_process": loads,
         "max_abs_weight_difference_vs_uninterrupted": max_weight_difference(
