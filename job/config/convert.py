@@ -180,4 +180,6 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 def _union_order(arg: Any) -> int:
     """Try strict types before `str`, which would accept anything."""
+    if typing.get_origin(arg) is list or arg is list:
+        return 6  # after `str`: a plain string is one value, not a list of one
     return {bool: 0, int: 1, float: 2}.get(arg, 5 if arg is str else 3)

@@ -20,6 +20,9 @@ from job.logs import shorten
 DTYPES = ("bfloat16", "float16", "float32")
 FORMATS = ("auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt")
 TRUNCATION_MODES = ("truncate", "drop", "error")
+TEXT_MODES = ("blocks", "documents")
+SPECIAL_STRINGS_MODES = ("control", "text")
+SOURCE_KEYS = ("path", "format", "weight", "max_examples")
 MIN_RECORD_BYTES = 1024  # below this even a short chat turn is refused
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 
@@ -76,11 +79,51 @@ class ModelConfig:
         _require_nonempty("model.source", self.source)
 
 
+@dataclass(frozen=True)
+class SourceConfig:
+    """One entry of `data.train` given as a list (docs/data.md, "Mixtures")."""
+
+    path: str
+    """A file, directory, `s3://` prefix or `hf://datasets/...` id, as `data.train` takes."""
+    format: str = "auto"
+    """This source's record format (`auto`: detected in it); defaults to `data.format`."""
+    weight: float = 1.0
+    """How many times each example is taken: 2 doubles the source, 0.5 keeps a seeded half (0 is refused)."""
+    max_examples: int | None = None
+    """Take a seeded sample of at most this many records before `weight` applies (empty: all)."""
+
+    @classmethod
+    def parse(cls, item: Any, where: str, default_format: str) -> SourceConfig:
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where} must be a path or a mapping with `path`, got {type(item).__name__}")
+        unknown = sorted(set(item) - set(SOURCE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {shorten(repr(unknown))}", hint=f"use {', '.join(SOURCE_KEYS)}")
+        path = item.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise ConfigError(f"{where}.path must be a non-empty string")
+        fmt = item.get("format") or default_format
+        if fmt not in FORMATS:
+            raise ConfigError(f"{where}.format {shorten(repr(fmt))} is not one of {', '.join(FORMATS)}")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"{where}.weight must be a positive number, got {shorten(repr(weight))}")
+        cap = item.get("max_examples")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ConfigError(f"{where}.max_examples must be a positive integer, got {shorten(repr(cap))}")
+        return cls(path.strip(), fmt, float(weight), cap)
+
+
 @dataclass
 class DataConfig:
-    train: str | None = None
+    train: str | list[Any] | None = None
     """Training data: a file (`.jsonl`, `.json`, `.parquet`, `.jsonl.gz`, `.jsonl.zst`) or a directory/prefix of
-    them (local path or `s3://`), read in sorted order. Required."""
+    them (local path, `s3://`, or a Hub dataset `hf://datasets/OWNER/NAME[@REVISION][/PATTERN]`), read in sorted
+    order. Or a list of sources, each a path or a mapping with `path` and optional `format`, `weight` (how many
+    times each example is taken: 2 doubles, 0.5 takes a seeded half) and `max_examples` (a seeded sample of at most
+    that many records). Required."""
     eval: str | None = None
     """Evaluation data, same forms as `train`; or use `eval_fraction`."""
     eval_fraction: float = 0.0
@@ -91,6 +134,13 @@ class DataConfig:
     """Tokens per example (per packed sequence with `packing`); see `truncation` for longer examples."""
     truncation: Literal["truncate", "drop", "error"] = "truncate"
     """Examples longer than `max_length`: `truncate` (keep the start), `drop` them, or `error` (exit 65)."""
+    text_mode: Literal["blocks", "documents"] = "blocks"
+    """`text` records (continued pretraining): `blocks` joins the documents, each ending in EOS, and cuts them into
+    `max_length` blocks, so no token is lost; `documents` keeps one example per document, cut by `truncation`."""
+    special_strings: Literal["control", "text"] = "control"
+    """Special-token strings inside record content (`</s>`, `[INST]`): `control` tokenizes them as the control
+    tokens they spell (counted and warned about), `text` as the plain characters they are (as mistral-common
+    does)."""
     train_on: Literal["assistant", "all"] = "assistant"
     """Chat data: train on assistant turns only (each with its end-of-turn token), or on every token."""
     chat_template: str | None = None
@@ -129,6 +179,32 @@ class DataConfig:
             raise ConfigError(f"data.num_proc must be 0 (all cores) or more, got {self.num_proc}")
         if self.max_record_bytes < MIN_RECORD_BYTES:
             raise ConfigError(f"data.max_record_bytes must be at least {MIN_RECORD_BYTES}, got {self.max_record_bytes}")
+        if self.text_mode not in TEXT_MODES:
+            raise ConfigError(f"data.text_mode {shorten(repr(self.text_mode))} is not one of {', '.join(TEXT_MODES)}")
+        if self.special_strings not in SPECIAL_STRINGS_MODES:
+            raise ConfigError(
+                f"data.special_strings {shorten(repr(self.special_strings))} is not one of "
+                f"{', '.join(SPECIAL_STRINGS_MODES)}"
+            )
+        if isinstance(self.train, list):
+            self.sources()  # every entry checked now, with its index in the message
+
+    def sources(self) -> list[SourceConfig]:
+        """`train` as a list of sources: one (with `format`) for a single path."""
+        if self.train is None:
+            return []
+        if isinstance(self.train, str):
+            return [SourceConfig(self.train, self.format)]
+        if not self.train:
+            raise ConfigError("data.train is an empty list", hint="give at least one source")
+        out = [SourceConfig.parse(item, f"data.train[{index}]", self.format) for index, item in enumerate(self.train)]
+        paths = [source.path for source in out]
+        repeated = sorted({p for p in paths if paths.count(p) > 1})
+        if repeated:
+            raise ConfigError(
+                f"data.train names {shorten(repr(repeated))} more than once", hint="use `weight` to repeat a source"
+            )
+        return out
 
 
 @dataclass

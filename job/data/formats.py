@@ -8,6 +8,7 @@ check names the record's location (`file:line` or `file:row N`) and the field at
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,19 @@ class Example:
     """The completion of a string prompt/completion pair (trained; `text` is its prompt)."""
     prompt_turns: int = 0
     """Chat: leading turns that are context only (a conversational prompt); later assistant turns train."""
+    tools: str | None = None
+    """Chat: the tools the conversation offers, as JSON text of a list (OpenAI's function schema), or None."""
+
+    def to_row(self) -> dict[str, Any]:
+        """This example as one row of `ROW_COLUMNS`: turns as JSON text, so turns of any shape share one column."""
+        return {
+            "source": self.source,
+            "messages": None if self.messages is None else json.dumps(list(self.messages), ensure_ascii=False),
+            "prompt_turns": self.prompt_turns,
+            "text": self.text,
+            "completion": self.completion,
+            "tools": self.tools,
+        }
 
     @property
     def kind(self) -> str:
@@ -55,6 +69,24 @@ class Example:
         if self.messages is not None:
             return "chat"
         return "completion" if self.completion is not None else "text"
+
+
+ROW_COLUMNS = {
+    "source": "string",
+    "messages": "string",
+    "prompt_turns": "int32",
+    "text": "string",
+    "completion": "string",
+    "tools": "string",
+}
+"""An Example's row (`Example.to_row`): column name and Arrow value type; `messages`/`tools` hold JSON text."""
+
+
+def row_features() -> Any:
+    """`datasets.Features` of `ROW_COLUMNS`."""
+    import datasets
+
+    return datasets.Features({name: datasets.Value(kind) for name, kind in ROW_COLUMNS.items()})
 
 
 def detect_format(record: Any) -> str | None:

@@ -9,12 +9,13 @@ conversation once and is checked against the full method (docs/data.md, "Loss ma
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from job.data.formats import clip
+from job.data.formats import ROW_COLUMNS, clip
 from job.data.read import Example
 from job.data.templates import (
     RENDER_MAX_CHARS,
@@ -302,6 +303,8 @@ class Tokenize:
         completions = batch.get("completion") or [None] * count
         for row in range(count):
             source, messages = batch["source"][row], conversations[row]
+            if isinstance(messages, str):  # Example.to_row keeps turns as JSON text
+                messages = json.loads(messages)
             try:
                 if messages is not None:
                     render.example_deadline = time.monotonic() + render.guard.seconds  # every render of it
@@ -413,16 +416,9 @@ def _trainable(labels: list[int] | None) -> int:
 
 
 def examples_to_columns(examples: list[Example]) -> dict[str, list]:
-    """Columns for `Tokenize` (and an Arrow table); columns no example uses are left out."""
-    columns: dict[str, list] = {"source": [e.source for e in examples]}
-    if any(e.messages is not None for e in examples):
-        columns["messages"] = [list(e.messages) if e.messages is not None else None for e in examples]
-        columns["prompt_turns"] = [e.prompt_turns for e in examples]
-    if any(e.messages is None for e in examples):
-        columns["text"] = [e.text for e in examples]
-    if any(e.completion is not None for e in examples):
-        columns["completion"] = [e.completion for e in examples]
-    return columns
+    """Columns for `Tokenize` (and an Arrow table of `ROW_COLUMNS`): each example's `to_row()`."""
+    rows = [e.to_row() for e in examples]
+    return {name: [row[name] for row in rows] for name in ROW_COLUMNS}
 
 
 def tokenize_one(example: Example, tokenizer: Any, *, train_on: str) -> tuple[list[int], list[int]]:

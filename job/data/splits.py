@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from job.config.schema import DataConfig, TrainConfig
+from job.data.formats import row_features
 from job.data.masking import Tokenize, describe_example, examples_to_columns
 from job.data.packing import pack_dataset, packing_summary
 from job.data.read import Example
@@ -85,7 +86,7 @@ def tokenize_split(examples: list[Example], tokenizer: Any, data: DataConfig, na
     processes = num_processes(data.num_proc, len(examples))
     if processes > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
-    source = datasets.Dataset.from_dict(examples_to_columns(examples))
+    source = datasets.Dataset.from_dict(examples_to_columns(examples), features=row_features())
     features = datasets.Features(
         {
             "source": datasets.Value("string"),
