@@ -315,3 +315,52 @@ def test_unknown_sft_variables_name_themselves_and_the_closest_valid_one(name: s
         "SFT_API_SERVICE_PORT_HTTP": "8080",
     }
     assert load_config(None, BASE, environ=environ).train.seed == 42  # and nothing else is flagged
+
+
+def test_train_as_a_list_of_sources(tmp_path: Path) -> None:
+    path = write_yaml(
+        tmp_path,
+        "data:\n  format: alpaca\n  train:\n    - a.jsonl\n"
+        "    - {path: hf://datasets/o/n@v1/data/*.parquet, format: sharegpt, weight: 0.5, max_examples: 100}\n",
+    )
+    sources = load_config(path, [], environ={}).data.sources()
+    assert [(s.path, s.format, s.weight, s.max_examples) for s in sources] == [
+        ("a.jsonl", "alpaca", 1.0, None),
+        ("hf://datasets/o/n@v1/data/*.parquet", "sharegpt", 0.5, 100),
+    ]
+    single = load_config(None, ["data.train=one.jsonl", "data.format=text"], environ={}).data
+    assert single.train == "one.jsonl"  # a plain string stays one source, not a list of one
+    assert [(s.path, s.format) for s in single.sources()] == [("one.jsonl", "text")]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{path: a.jsonl, weight: 0}", "data.train[0].weight must be a positive number"),
+        ("{path: a.jsonl, weight: .nan}", "data.train[0].weight must be a positive number"),
+        ("{path: a.jsonl, max_examples: 0}", "data.train[0].max_examples must be a positive integer"),
+        ("{path: a.jsonl, format: csv}", "data.train[0].format 'csv' is not one of"),
+        ("{path: a.jsonl, wieght: 2}", "data.train[0]: unknown key(s) ['wieght']"),
+        ("{weight: 2}", "data.train[0].path must be a non-empty string"),
+        ("7", "data.train[0] must be a path or a mapping"),
+    ],
+)
+def test_bad_source_entries_name_their_index(tmp_path: Path, entry: str, message: str) -> None:
+    path = write_yaml(tmp_path, f"data:\n  train:\n    - {entry}\n    - b.jsonl\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, [], environ={})
+    assert message in str(caught.value)
+
+
+def test_a_source_named_twice_is_refused(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "data:\n  train: [a.jsonl, {path: a.jsonl, weight: 2}]\n")
+    with pytest.raises(ConfigError, match="more than once"):
+        load_config(path, [], environ={})
+
+
+def test_text_mode_and_special_strings_are_checked() -> None:
+    config = load_config(None, [*BASE, "data.text_mode=documents", "data.special_strings=text"], environ={})
+    assert (config.data.text_mode, config.data.special_strings) == ("documents", "text")
+    for key, value in (("text_mode", "lines"), ("special_strings", "drop")):
+        with pytest.raises(ConfigError, match=f"data.{key}"):
+            load_config(None, [*BASE, f"data.{key}={value}"], environ={})
