@@ -160,3 +160,23 @@ def test_same_seed_gives_bitwise_identical_weights(reference_run, rerun_and_twin
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert all(first[k].dtype == torch.float32 for k in first)
     assert not all(torch.equal(first[k], base[k]) for k in first)  # it did train
+
+
+def test_the_card_names_each_source_and_its_token_share() -> None:
+    import yaml
+
+    from job.config.load import load_config
+    from job.publish.card import render_card
+
+    config = load_config(None, ["data.train=x.jsonl"], environ={})
+    sources = [
+        {"name": "hf://datasets/org/set@v1/data/*.parquet", "format": "sharegpt", "revision": "c0ffee",
+         "examples": 30, "tokens": 300, "token_share": 0.75},
+        {"name": "s3://bucket/mine.jsonl", "format": "alpaca", "revision": None, "examples": 10, "tokens": 100,
+         "token_share": 0.25},
+    ]  # fmt: skip
+    card = render_card(config, base_model="m", revision=None, data_files={}, metrics={}, sources=sources, plot=None)
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["datasets"] == ["org/set", "s3://bucket/mine.jsonl"]
+    assert "| `hf://datasets/org/set@v1/data/*.parquet` | sharegpt | `c0ffee` | 30 | 300 | 75.0% |" in card
+    assert "| `s3://bucket/mine.jsonl` | alpaca | `-` | 10 | 100 | 25.0% |" in card

@@ -21,6 +21,7 @@ from job.config.schema import JobConfig
 from job.logs import redact_urls
 
 PLOT_NAME = "training_curves.png"
+HUB_DATASET_PREFIX = "hf://datasets/"
 
 
 def plot_curves(steps: list[dict[str, Any]], evals: list[tuple[int, float]] | None = None) -> Any:
@@ -57,16 +58,19 @@ def render_card(
     metrics: dict[str, Any],
     facts: dict[str, Any] | None = None,
     plot: str | None = PLOT_NAME,
+    sources: list[dict[str, Any]] | None = None,
 ) -> str:
+    """The card's text. `sources`: the mixture summary (`job.data.mixture`), one entry per `data.train` source."""
     front = {
         "base_model": base_model,
         "license": "other",  # placeholder: the base model's license applies; set it before publishing
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["sft", "trl", "full-fine-tune", "sft-job"],
-        "datasets": sorted(data_files),
+        "datasets": [dataset_name(source["name"]) for source in sources] if sources else sorted(data_files),
     }
     files = "\n".join(f"| `{name}` | `{digest}` |" for name, digest in sorted(data_files.items()))
+    mixture = _mixture_table(sources) if sources else ""
     shown = {k: v for k, v in {**metrics, **(facts or {})}.items() if not isinstance(v, (list, dict))}
     curves = f"\n## Training curves\n\n![loss and learning rate]({plot})\n" if plot else ""
     # One pass over the whole text: base_model, data file names and facts can all be URLs.
@@ -84,7 +88,7 @@ trained by sft-job {__version__} with TRL's `SFTTrainer`.
 | file | sha256 |
 |---|---|
 {files}
-
+{mixture}
 Format `{metrics.get("data_format", config.data.format)}`, loss on `{config.data.train_on}` tokens,
 max length {config.data.max_length}.
 
@@ -100,6 +104,27 @@ max length {config.data.max_length}.
 {to_yaml(config).strip()}
 ```
 """)
+
+
+def dataset_name(source: str) -> str:
+    """A source as the card's `datasets` names it: a Hub dataset by its id, anything else by its URI or path."""
+    if source.startswith(HUB_DATASET_PREFIX):
+        repo = source.removeprefix(HUB_DATASET_PREFIX).split("@", 1)[0]
+        return "/".join(repo.split("/")[:2])
+    return source
+
+
+def _mixture_table(sources: list[dict[str, Any]]) -> str:
+    rows = "\n".join(
+        f"| `{s['name']}` | {s.get('format')} | `{s.get('revision') or '-'}` | {s.get('examples')} | "
+        f"{s.get('tokens')} | {100 * (s.get('token_share') or 0):.1f}% |"
+        for s in sources
+    )
+    return (
+        "\nSources, with the share of the trained tokens each gave:\n\n"
+        "| source | format | revision | examples | tokens | token share |\n|---|---|---|---:|---:|---:|\n"
+        f"{rows}\n"
+    )
 
 
 def write_plot(figure: Any, directory: Path) -> Path:
