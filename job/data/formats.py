@@ -2,8 +2,9 @@
 
 Every format (`messages`, `sharegpt`, `prompt_completion`, `alpaca`, `text`; the table in
 docs/data.md) becomes one of three shapes: a chat (`messages`, with the number of leading turns
-that are context only), a plain document (`text`), or a string prompt with its completion. Each
-check names the record's location (`file:line` or `file:row N`) and the field at fault.
+that are context only, and the tools it offers), a plain document (`text`), or a string prompt
+with its completion. Tool calls are normalised in `job.data.tools`. Each check names the record's
+location (`file:line` or `file:row N`) and the field at fault.
 """
 
 from __future__ import annotations
@@ -12,11 +13,21 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from job.data import tools as tool_use
 from job.errors import DataError
 from job.logs import shorten
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",  # LLaMA-Factory's tool-call convention: trained, as LLaMA-Factory trains it
+    "observation": "tool",
+    "tool": "tool",
+}
 
 # Checked in this order; the first whose fields are all present names the record's format.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -41,8 +52,9 @@ def clip(text: str, limit: int = ECHO_LIMIT) -> str:
 class Example:
     source: str
     """Where the record came from: `file:line` (or `file:row N` for Parquet)."""
-    messages: tuple[dict[str, str], ...] | None = None
-    """Chat turns with `role` and string `content` (parts already joined)."""
+    messages: tuple[dict[str, Any], ...] | None = None
+    """Chat turns with `role` and string `content` (parts already joined); assistant turns may carry
+    `tool_calls` and `tool` turns `tool_call_id` and `name` (OpenAI's form, `job.data.tools`)."""
     text: str | None = None
     """A plain document (the `text` format), or the prompt of a string prompt/completion pair."""
     completion: str | None = None
@@ -119,13 +131,14 @@ def parse_record(record: Any, fmt: str, location: str) -> Example:
     if fmt == "text":
         return Example(source=location, text=_string(record, "text", location))
     if fmt == "messages":
+        tools = tool_use.parse_tools(record.get("tools"), location)
         turns = _turns(record["messages"], "messages", location, "role", "content", None)
-        _check_chat(turns, location, "messages")
-        return Example(source=location, messages=turns)
+        return Example(source=location, messages=_check_chat(turns, location, "messages", tools), tools=tools)
     if fmt == "sharegpt":
+        tools = tool_use.parse_tools(record.get("tools"), location)
         turns = _turns(record["conversations"], "conversations", location, "from", "value", SHAREGPT_ROLES)
-        _check_chat(turns, location, "conversations")
-        return Example(source=location, messages=turns)
+        turns = _system_column(record, turns, location)
+        return Example(source=location, messages=_check_chat(turns, location, "conversations", tools), tools=tools)
     if fmt == "alpaca":
         return _alpaca(record, location)
     if fmt == "prompt_completion":
@@ -156,7 +169,7 @@ def _utf8(text: str, where: str) -> str:
 
 def _turns(
     turns: Any, key: str, location: str, role_key: str, content_key: str, role_map: dict[str, str] | None
-) -> tuple[dict[str, str], ...]:
+) -> list[dict[str, Any]]:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{location}: '{key}' must be a non-empty list of turns")
     out = []
@@ -168,11 +181,32 @@ def _turns(
         allowed = role_map or dict.fromkeys(ROLES)
         if not isinstance(role, str) or role not in allowed:
             raise DataError(f"{where}: {role_key} {clip(repr(role))} is not one of {', '.join(allowed)}")
-        content = _content_text(turn.get(content_key), where, content_key)
-        if not content.strip():
-            raise DataError(f"{where}: empty content")
-        out.append({"role": role_map[role] if role_map else role, "content": _utf8(content, where)})
-    return tuple(out)
+        out.append(_turn(turn, role, role_map[role] if role_map else role, where, content_key))
+    return out
+
+
+def _turn(turn: dict, role: str, mapped: str, where: str, content_key: str) -> dict[str, Any]:
+    """One turn normalised: `role`, `content`, and the tool fields of tool use (`job.data.tools`)."""
+    if role == "function_call":
+        value = _utf8(_content_text(turn.get(content_key), where, content_key), where)
+        return {"role": "assistant", "content": "", "tool_calls": tool_use.sharegpt_calls(value, where)}
+    if mapped == "tool":
+        raw = turn.get(content_key)
+        is_parts = isinstance(raw, list) and raw and all(isinstance(p, dict) and "text" in p for p in raw)
+        content = _content_text(raw, where, content_key) if is_parts else tool_use.tool_result(raw)
+        out = {"role": "tool", "content": _utf8(content, where)}  # a result may be empty: the call returned nothing
+        out.update({k: turn[k] for k in ("tool_call_id", "name") if turn.get(k) is not None})
+        return out
+    calls = turn.get("tool_calls") if mapped == "assistant" else None
+    if calls is not None:  # OpenAI: content may be empty or null beside the calls
+        raw = turn.get(content_key)
+        content = "" if raw is None else _content_text(raw, where, content_key)
+        calls = tool_use.openai_calls(calls, where)
+        return {"role": "assistant", "content": _utf8(content, where), "tool_calls": calls}
+    content = _content_text(turn.get(content_key), where, content_key)
+    if not content.strip():
+        raise DataError(f"{where}: empty content")
+    return {"role": mapped, "content": _utf8(content, where)}
 
 
 def _content_text(content: Any, where: str, key: str) -> str:
@@ -190,8 +224,13 @@ def _content_text(content: Any, where: str, key: str) -> str:
     raise DataError(f"{where}: {key} must be a string or a list of text parts, got {type(content).__name__}")
 
 
-def _check_chat(turns: tuple[dict[str, str], ...], location: str, key: str, *, trained_from: int = 0) -> None:
-    """Optional system turn first, then user and assistant alternating from user; some assistant turn trains."""
+def _check_chat(
+    turns: list[dict[str, Any]], location: str, key: str, tools: str | None = None, *, trained_from: int = 0
+) -> tuple[dict[str, Any], ...]:
+    """Optional system turn first, then user and assistant alternating from user (with tool calls and their
+    results between, `job.data.tools`); some assistant turn trains."""
+    if any(tool_use.is_tool_turn(t) for t in turns):
+        return tool_use.finish_tool_chat(turns, location, key, tools, trained_from=trained_from)
     offset = 1 if turns[0]["role"] == "system" else 0
     for index in range(offset, len(turns)):
         expected = "user" if (index - offset) % 2 == 0 else "assistant"
@@ -203,6 +242,23 @@ def _check_chat(turns: tuple[dict[str, str], ...], location: str, key: str, *, t
     if not any(t["role"] == "assistant" for t in turns[trained_from:]):
         where = "the completion" if trained_from else "conversation"
         raise DataError(f"{location}: {where} has no assistant turn, so nothing would be trained")
+    return tuple(turns)
+
+
+def _system_column(record: dict, turns: list[dict[str, Any]], location: str) -> list[dict[str, Any]]:
+    """sharegpt's `system` field (LLaMA-Factory) becomes the system turn; a conversation that has its own
+    system turn as well must not have a different one, since one of them would be dropped."""
+    system = _string(record, "system", location, optional=True)
+    if not system.strip():
+        return turns
+    if turns[0]["role"] == "system":
+        if turns[0]["content"] != system:
+            raise DataError(
+                f"{location}: both the 'system' field and conversations[0] are system prompts, and they differ",
+                hint="keep one of them",
+            )
+        return turns
+    return [{"role": "system", "content": system}, *turns]
 
 
 def _alpaca(record: dict, location: str) -> Example:
@@ -212,8 +268,28 @@ def _alpaca(record: dict, location: str) -> Example:
     system = _string(record, "system", location, optional=True)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     turns = ({"role": "system", "content": system},) if system.strip() else ()
+    turns += _history(record.get("history"), location)
     turns += ({"role": "user", "content": user}, {"role": "assistant", "content": output})
     return Example(source=location, messages=turns)
+
+
+def _history(history: Any, location: str) -> tuple[dict[str, str], ...]:
+    """alpaca's `history`: earlier [instruction, response] pairs (LLaMA-Factory), turns before the record's own;
+    their responses train too, as LLaMA-Factory trains them by default."""
+    if history is None or history == []:
+        return ()
+    if not isinstance(history, list):
+        raise DataError(f"{location}: 'history' must be a list of [instruction, response] pairs")
+    turns: tuple[dict[str, str], ...] = ()
+    for index, pair in enumerate(history):
+        where = f"{location}: history[{index}]"
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise DataError(f"{where} must be a pair [instruction, response] of strings, got {clip(repr(pair))}")
+        if not pair[0].strip() or not pair[1].strip():
+            raise DataError(f"{where}: empty {'instruction' if not pair[0].strip() else 'response'}")
+        turns += ({"role": "user", "content": _utf8(pair[0], where)},)
+        turns += ({"role": "assistant", "content": _utf8(pair[1], where)},)
+    return turns
 
 
 def _prompt_completion(record: dict, location: str) -> Example:
@@ -225,13 +301,13 @@ def _prompt_completion(record: dict, location: str) -> Example:
             completion=_string(record, "completion", location),
         )
     if isinstance(prompt, list) and isinstance(completion, list):
+        tools = tool_use.parse_tools(record.get("tools"), location)
         head = _turns(prompt, "prompt", location, "role", "content", None)
         tail = _turns(completion, "completion", location, "role", "content", None)
         if tail[0]["role"] != "assistant":
             raise DataError(f"{location}: completion[0] is '{tail[0]['role']}' where 'assistant' was expected")
-        turns = head + tail
-        _check_chat(turns, location, "prompt+completion", trained_from=len(head))
-        return Example(source=location, messages=turns, prompt_turns=len(head))
+        turns = _check_chat(head + tail, location, "prompt+completion", tools, trained_from=len(head))
+        return Example(source=location, messages=turns, prompt_turns=len(head), tools=tools)
     raise DataError(
         f"{location}: 'prompt' and 'completion' must both be strings or both be lists of turns, "
         f"got {type(prompt).__name__} and {type(completion).__name__}"
