@@ -116,20 +116,39 @@ def train(
 @cli.command(epilog=ENVIRONMENT_HELP)
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool) -> int:
+@click.option(
+    "--show",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Also show the first N training examples as the model sees them, trained spans marked "
+    "(with --json: under `shown`, each with its `text` and `trained` spans).",
+)
+def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool, show: int) -> int:
     """Check the config and every data record (file:line on errors); loads no weights, trains nothing."""
 
     def action(config: JobConfig) -> int:
         from job.data.prepare import validate as run_validate
 
-        report = run_validate(config)
+        report = run_validate(config, show=show)
         if as_json:
             click.echo(json.dumps({"ok": True, **report}, indent=2, sort_keys=True))
         else:
-            click.echo("\n".join(f"{key}: {value}" for key, value in report.items()))
+            click.echo("\n".join(f"{key}: {value}" for key, value in report.items() if key != "shown"))
+            _echo_shown(report.get("shown") or [])
         return 0
 
     return _execute(config_path, overrides, action, json_errors=as_json)
+
+
+def _echo_shown(examples: list[dict[str, Any]]) -> None:
+    """`validate --show` on a terminal: each example with its trained spans marked (colored on a TTY)."""
+    from job.data.show import render_terminal, use_color
+
+    color = use_color()
+    for example in examples:
+        click.echo("")
+        click.echo(render_terminal(example, color), color=color)
 
 
 @cli.command(epilog=ENVIRONMENT_HELP)

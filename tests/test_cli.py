@@ -145,3 +145,21 @@ def test_json_commands_print_one_json_document_even_when_they_fail(
     report = json.loads(captured.out)
     assert report["ok"] is False and "no usable tokenizer" in report["message"]
     assert "Traceback" not in captured.err and "unexpected_error" not in captured.err
+
+
+def test_validate_show_prints_examples_with_the_trained_spans_marked(tmp_path: Path, capsys) -> None:
+    fixture = REPO / "tests" / "fixtures" / "data" / "messages.jsonl"
+    where = ["--set", f"data.train={fixture}", "--set", "model.source=builtin:tiny-mistral",
+             "--set", f"run.scratch={tmp_path / 's'}", "--set", f"run.output={tmp_path / 'o'}"]  # fmt: skip
+    assert exit_code(["validate", "--json", "--show", "1", *where]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)["shown"]
+    assert shown["trained"] == ["Strelsau is the capital.</s>"]  # the assistant turn and its end, nothing else
+    assert shown["source"].endswith("messages.jsonl:1")
+    assert shown["text"].startswith("<s>[INST]") and shown["text"].endswith("[/INST] Strelsau is the capital.</s>")
+    assert "Answer in one sentence." in shown["text"] and "What is the capital of Ruritania?" in shown["text"]
+
+    assert exit_code(["validate", "--show", "2", *where]) == 0
+    out = capsys.readouterr().out
+    assert "[/INST] «Strelsau is the capital.</s>»" in out and "«Joined.</s>»" in out and "«Still joined.</s>»" in out
+    assert "\x1b" not in out and "shown:" not in out  # not a terminal: no color; the examples are not in the summary
+    assert exit_code(["validate", "--show", "-1", *where]) == 64
