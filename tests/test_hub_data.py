@@ -260,7 +260,8 @@ def test_fetch_resolves_the_revision_to_a_commit_and_downloads_only_the_pattern(
         "data/extra.jsonl",
         "data/train.jsonl",
     ]
-    assert "GET /api/datasets/o/n/revision/v1" in stand_in.requests
+    # Resolved once: the download cannot see a branch that moved after the commit was recorded.
+    assert stand_in.requests.count("GET /api/datasets/o/n/revision/v1") == 1
     downloads = {r.split(" ", 1)[1] for r in stand_in.requests if "/resolve/" in r}
     # Downloaded at the commit, never at the moving branch name, and nothing outside the pattern.
     assert downloads == {f"/datasets/o/n/resolve/{V1}/data/train.jsonl", f"/datasets/o/n/resolve/{V1}/data/extra.jsonl"}
