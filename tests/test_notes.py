@@ -25,6 +25,7 @@ def test_unused_fields_are_counted_with_their_first_location() -> None:
             ({**alpaca, "id": 2, "lang": "en"}, "alpaca"),
             ({"conversations": [], "system": "s", "tools": "[]", "id": 3}, "sharegpt"),
             ({"text": "a document", "meta": {"url": "x"}}, "text"),
+            ({"text": "a Parquet row", "id": None, "lang": "", "meta": {}, "tags": []}, "text"),  # empty: nothing lost
         ]
     )
     assert notes.summary()["unused_fields"] == {

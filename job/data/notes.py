@@ -23,7 +23,7 @@ USED_FIELDS: dict[str, frozenset[str]] = {
     "prompt_completion": frozenset({"prompt", "completion", "tools"}),
     "text": frozenset({"text"}),
 }
-"""Top-level fields each format reads; any other field of a record is reported as unused."""
+"""Top-level fields each format reads; any other non-empty field of a record is reported as unused."""
 
 PLACEHOLDER = re.compile(
     r"(?<![A-Za-z0-9_\\}^$])"  # not glued to a word, a LaTeX command or group (`\frac{{x}}{{y}}`), `^{{2}}`
@@ -64,6 +64,9 @@ class RecordNotes:
             used = USED_FIELDS.get(fmt, frozenset())
             unused = self._unused_by_keys[(fmt, keys)] = tuple(k for k in keys if k not in used)
         for name in unused:
+            value = record[name]
+            if value is None or (not value and isinstance(value, (str, list, dict))):
+                continue  # an empty value (a Parquet column this record leaves null) loses nothing
             seen = self.unused.get(name)
             if seen is None:
                 self.unused[name] = UnusedField(1, location)
