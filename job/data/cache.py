@@ -33,10 +33,12 @@ from job.storage.manifest import MANIFEST_NAME, build_manifest, verify_directory
 
 log = get_logger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when the tokenized or packed layout or the masking rules change: old entries then miss.
 
 2: packing by TRL's `pack_dataset` (rows of equal room are filled in another order).
+3: `text` documents as blocks (`data.text_mode`); token counts before and after, special strings and
+   the first sources in the statistics.
 """
 STORE_PREFIX = "cache"
 SUMMARY = "summary.json"

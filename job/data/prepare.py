@@ -12,7 +12,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,10 @@ log = get_logger(__name__)
 
 __all__ = ["DataSplit", "Prepared", "prepare", "validate"]
 
+SPECIAL_NOTES = {
+    "control": "these strings became control tokens; data.special_strings: text tokenizes them as plain text",
+    "text": "tokenized as plain text (data.special_strings: text)",
+}
 EXAMPLE_LOG_CHARS = 1000
 """The decoded example in the log: its start and end, not a whole max_length of a record's text."""
 
@@ -89,11 +96,12 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
         {"train": digests, "eval": eval_digests, "format": data.format, "eval_fraction": data.eval_fraction,
          "seed": split_seed, "max_record_bytes": data.max_record_bytes}
     )  # fmt: skip
+    workdir = _records_workdir(scratch)
     cache = TokenizeCache(scratch / "cache", store if data.cache else None)
     validated = cache.read_validation(data_key) if data.cache else None
     loaded: tuple[Dataset, Dataset | None, int] | None = None
     if validated is None:
-        loaded = _load(config, train_root, eval_root)  # bad data stops here, before the model is pulled
+        loaded = _load(config, train_root, eval_root, workdir)  # bad data stops here, before the model is pulled
         validated = _validation_record(*loaded)
         if data.cache:
             cache.write_validation(data_key, validated)
@@ -108,7 +116,7 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
     key = fingerprint(
         {"data": data_key, "tokenizer": tokenizer_digest(tokenizer), "chat_template": template if validated["chat"]
          else None, "train_on": data.train_on, "max_length": data.max_length, "truncation": data.truncation,
-         "packing": data.packing}
+         "packing": data.packing, "text_mode": data.text_mode, "special_strings": data.special_strings}
     )  # fmt: skip
     hit = cache.load(key) if data.cache else None
     if hit is not None:
@@ -119,15 +127,17 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
     else:
         if data.cache:
             log.info("tokenize_cache_miss", fingerprint=key)
-        loaded = loaded or _load(config, train_root, eval_root)
-        train = tokenize_split(loaded[0].examples, tokenizer, data, "train")
-        evaluation = tokenize_split(loaded[1].examples, tokenizer, data, "eval") if loaded[1] else None
+        loaded = loaded or _load(config, train_root, eval_root, workdir)
+        train = tokenize_split(loaded[0].rows, tokenizer, data, "train")
+        evaluation = tokenize_split(loaded[1].rows, tokenizer, data, "eval") if loaded[1] else None
         summary = {"train": train.stats, "eval": evaluation.stats if evaluation else None}
         if data.cache:
             splits = {"train": train.dataset, **({"eval": evaluation.dataset} if evaluation else {})}
             local = cache.save(key, splits, summary)
             cache.publish(key, local)
             train, evaluation = _reopen(local, train, evaluation)  # memory-mapped from disk, not held in RAM
+    if data.cache or hit is not None:
+        shutil.rmtree(workdir, ignore_errors=True)  # the splits are read from the cache entry, not from here
     skipped = [*validated["skipped"], *train.stats["invalid"], *(evaluation.stats["invalid"] if evaluation else [])]
     _check_invalid(skipped, data.max_invalid)
     if skipped:
@@ -136,21 +146,42 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
     prepared = Prepared(
         info, train, evaluation, source, tokenizer, template_origin, digests, skipped, hit is not None, key
     )
-    _log_ready(prepared, time.monotonic() - started)
+    _log_ready(prepared, time.monotonic() - started, data.special_strings)
     return prepared
 
 
-def _load(config: JobConfig, train_root: Path, eval_root: Path | None) -> tuple[Dataset, Dataset | None, int]:
+def _records_workdir(scratch: Path) -> Path:
+    """This process's folder for the records' Arrow files and the tokenizer's output (memory-mapped); folders
+    left by processes that are gone are removed."""
+    root = scratch / "records"
+    if root.is_dir():
+        for old in root.iterdir():
+            pid = old.name.split("-", 1)[0]
+            if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+    return root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _load(
+    config: JobConfig, train_root: Path, eval_root: Path | None, workdir: Path
+) -> tuple[Dataset, Dataset | None, int]:
     """The train and eval records, validated, and how many valid records the train files hold."""
     data = config.data
-    dataset = load_dataset(
-        train_root, data.format, max_invalid=data.max_invalid, max_record_bytes=data.max_record_bytes
-    )
+    limits = {"max_invalid": data.max_invalid, "max_record_bytes": data.max_record_bytes, "workdir": workdir}
+    dataset = load_dataset(train_root, data.format, **limits)
     train, held_out = split_for_eval(dataset, data.eval_fraction, config.train.seed)
     if eval_root is not None:
-        held_out = load_dataset(
-            eval_root, dataset.format, max_invalid=data.max_invalid, max_record_bytes=data.max_record_bytes
-        )
+        held_out = load_dataset(eval_root, dataset.format, **limits)
         held_out.skipped = [f"(eval) {line}" for line in held_out.skipped]
     return train, held_out, len(dataset)
 
@@ -159,12 +190,18 @@ def _validation_record(train: Dataset, held_out: Dataset | None, records: int) -
     separate_eval = held_out is not None and held_out.files != train.files
     return {
         "format": train.format,
-        "chat": any(e.messages is not None for e in (*train.examples, *(held_out.examples if held_out else []))),
+        "chat": _has_chat(train) or (held_out is not None and _has_chat(held_out)),
         "records": records,
         "records_per_file": train.records_per_file,
         "eval_records_per_file": held_out.records_per_file if separate_eval else {},  # type: ignore[union-attr]
         "skipped": [*train.skipped, *(held_out.skipped if separate_eval else [])],  # type: ignore[union-attr]
     }
+
+
+def _has_chat(dataset: Dataset) -> bool:
+    """Whether any row is a chat (the whole table: a split's rows are a selection of it)."""
+    messages = dataset.rows.data.column("messages")
+    return messages.null_count < len(messages)
 
 
 def _check_invalid(skipped: list[str], max_invalid: int) -> None:
@@ -205,7 +242,7 @@ def _write_report(skipped: list[str], config: JobConfig, scratch: Path, store: S
     log.warning("invalid_records_skipped", count=len(skipped), max_invalid=config.data.max_invalid, report=where)
 
 
-def _log_ready(prepared: Prepared, seconds: float) -> None:
+def _log_ready(prepared: Prepared, seconds: float, special_strings: str) -> None:
     train = prepared.train.stats
     log.info(
         "data_ready",
@@ -213,8 +250,11 @@ def _log_ready(prepared: Prepared, seconds: float) -> None:
         train_examples=train["examples"],
         eval_examples=prepared.eval.stats["examples"] if prepared.eval else 0,
         tokens=train["tokens"],
+        tokens_total=train["tokens_total"],
+        tokens_kept=train["tokens_kept"],
         trainable_tokens=train["trainable_tokens"],
         truncated=train["truncated"],
+        blocks=train["blocks"],
         dropped=train["dropped"],
         skipped_records=len(prepared.skipped),
         sequences=train["sequences"],
@@ -229,6 +269,15 @@ def _log_ready(prepared: Prepared, seconds: float) -> None:
             truncated=train["truncated"],
             dropped=train["dropped"],
             first_dropped=train["dropped_sources"][:3],
+        )
+    special = train["special_strings"]
+    if special["records"]:
+        log.warning(
+            "special_strings_in_content",
+            records=special["records"],
+            occurrences=special["occurrences"],
+            first=special["first"],
+            note=SPECIAL_NOTES[special_strings],
         )
     example = train["example"]
     log.info(
@@ -261,9 +310,16 @@ def validate(config: JobConfig, *, store: Store | None = None) -> dict[str, Any]
         "examples": train["examples"],
         "eval_examples": prepared.eval.stats["examples"] if prepared.eval else 0,
         "tokens": train["tokens"],
+        "tokens_total": train["tokens_total"],
+        "tokens_kept": train["tokens_kept"],
+        "tokens_total_at_least": train["tokens_total_at_least"],
         "trainable_tokens": train["trainable_tokens"],
         "truncated": train["truncated"],
         "dropped": train["dropped"],
+        "text_mode": config.data.text_mode,
+        "documents": train["documents"],
+        "blocks": train["blocks"],
+        "special_strings": train["special_strings"],
         "max_length": config.data.max_length,
         "length_p50": train["lengths"]["p50"],
         "length_p90": train["lengths"]["p90"],

@@ -1,11 +1,11 @@
 """Read dataset files and validate every record with its file:line, before any model weights load.
 
-Files: `.jsonl`, `.json` (an array of records, or JSON Lines under that name),
-`.parquet`, and gzip- or zstd-compressed JSON/JSONL (`.gz`, `.zst`); one file
-or a directory of them, read in sorted order. Formats and their checks live
-in `job.data.formats`. Up to `max_invalid` bad records are skipped and returned
-for the run's report; more, or none left, is a DataError (exit 65) listing
-them.
+Files: `.jsonl`, `.json` (an array of records, or JSON Lines under that name; a UTF-8 byte-order
+mark is accepted), `.parquet`, and gzip- or zstd-compressed JSON/JSONL (`.gz`, `.zst`); one file
+or a directory of them, read in sorted order. Formats and their checks live in `job.data.formats`.
+Valid records stream into an Arrow table of `ROW_COLUMNS` (on disk in `workdir`, memory-mapped):
+memory stays flat in the number of records. Up to `max_invalid` bad records are skipped and
+returned for the run's report; more, or none left, is a DataError (exit 65) listing them.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from typing import Any
 
 from job.config.schema import MAX_RECORD_BYTES
 from job.data.formats import Example, describe_unknown, detect_format, parse_record
+from job.data.rows import Examples, RowWriter
 from job.errors import DataError, InputNotFound
 from job.logs import get_logger
 
-__all__ = ["Dataset", "Example", "file_digests", "list_data_files", "load_dataset", "split_for_eval"]
+__all__ = ["Dataset", "Example", "Examples", "file_digests", "list_data_files", "load_dataset", "split_for_eval"]
 
 log = get_logger(__name__)
 
@@ -39,11 +40,17 @@ DATA_SUFFIXES = (
 MAX_REPORTED_ERRORS = 10
 CHUNK_BYTES = 1 << 20
 READ_ERRORS = (OSError, EOFError, ValueError)  # ValueError: pyarrow's ArrowInvalid on a corrupt zstd frame
+BOM = codecs.BOM_UTF8
+DATASET_INFO = "dataset_info.json"
+"""LLaMA-Factory's catalogue of datasets (`file_name`, `hf_hub_url`, ... per entry): describes data, is none."""
+CATALOGUE_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+_noted: set[str] = set()
 
 
 @dataclass
 class Dataset:
-    examples: list[Example]
+    rows: Any
+    """A `datasets.Dataset` of `ROW_COLUMNS` (`Example.to_row()`), memory-mapped when read with a workdir."""
     format: str
     files: list[Path]
     skipped: list[str] = field(default_factory=list)
@@ -52,11 +59,17 @@ class Dataset:
     """Valid records per file (paths relative to the dataset root)."""
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.rows)
+
+    @property
+    def examples(self) -> Examples:
+        """The rows as `Example`s, decoded on access (for small data and tests; the job maps over `rows`)."""
+        return Examples(self.rows)
 
 
 def list_data_files(path: Path) -> list[Path]:
-    """The data files under `path` (itself if a file), in a stable order; hidden files are ignored."""
+    """The data files under `path` (itself if a file), in a stable order; hidden files and LLaMA-Factory's
+    `dataset_info.json` catalogue are left out."""
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -68,11 +81,36 @@ def list_data_files(path: Path) -> list[Path]:
         and p.name.lower().endswith(DATA_SUFFIXES)
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
+    catalogues = [p for p in files if p.name == DATASET_INFO and _catalogue_entries(p) is not None]
+    for catalogue in catalogues:
+        if str(catalogue) not in _noted:  # once per process: prepare lists the files more than once
+            _noted.add(str(catalogue))
+            log.info(
+                "dataset_catalogue_skipped",
+                file=str(catalogue),
+                reason="LLaMA-Factory's dataset_info.json describes datasets (file_name entries); it holds no records",
+            )
+    files = [p for p in files if p not in catalogues]
     if not files:
         raise InputNotFound(
             f"dataset directory {path} holds no data files", hint=f"expected files ending in {', '.join(DATA_SUFFIXES)}"
         )
     return files
+
+
+def _catalogue_entries(file: Path) -> list[str] | None:
+    """The `file_name`s of a LLaMA-Factory catalogue (an object whose values describe datasets), else None."""
+    if file.stat().st_size > MAX_RECORD_BYTES:
+        return None
+    try:
+        value = json.loads(file.read_bytes().removeprefix(BOM))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(value, dict) or not value or not all(isinstance(v, dict) for v in value.values()):
+        return None
+    if not any(key in entry for entry in value.values() for key in CATALOGUE_KEYS):
+        return None
+    return [str(entry["file_name"]) for entry in value.values() if "file_name" in entry]
 
 
 def relative_name(file: Path, root: Path) -> str:
@@ -81,16 +119,24 @@ def relative_name(file: Path, root: Path) -> str:
 
 
 def load_dataset(
-    path: Path, fmt: str = "auto", *, max_invalid: int = 0, max_record_bytes: int = MAX_RECORD_BYTES
+    path: Path,
+    fmt: str = "auto",
+    *,
+    max_invalid: int = 0,
+    max_record_bytes: int = MAX_RECORD_BYTES,
+    workdir: Path | None = None,
 ) -> Dataset:
-    """Read and validate every record under `path`; DataError lists bad records with file:line."""
+    """Read and validate every record under `path`; DataError lists bad records with file:line.
+
+    With `workdir` the records are written there as an Arrow file and memory-mapped; without, the
+    table is built in memory (small data, tests)."""
     files = list_data_files(path)
-    examples: list[Example] = []
+    writer = RowWriter(workdir)
     errors: list[str] = []
     per_file: dict[str, int] = {}
     detected, detected_at = (None, "") if fmt == "auto" else (fmt, "data.format")
     for file in files:
-        before = len(examples)
+        before = writer.count
         for location, record in read_records(file, errors, max_record_bytes):
             if detected is None:
                 detected = detect_format(record)
@@ -99,10 +145,11 @@ def load_dataset(
                     continue
                 detected_at = location
             try:
-                examples.append(parse_record(record, detected, location))
+                writer.add(parse_record(record, detected, location))
             except DataError as exc:
                 errors.append(_with_format_note(exc, record, detected, detected_at))
-        per_file[relative_name(file, path)] = len(examples) - before
+        per_file[relative_name(file, path)] = writer.count - before
+    examples = writer.close()
     if len(errors) > max_invalid:
         shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
@@ -137,14 +184,60 @@ def read_records(file: Path, errors: list[str], max_record_bytes: int = MAX_RECO
         return
     try:
         with _open(file) as handle:
+            if handle.peek(len(BOM)).startswith(BOM):  # written by some Windows tools; not part of the JSON
+                handle.read(len(BOM))
             is_json = name.endswith((".json", *(f".json{c}" for c in COMPRESSIONS)))
             head = handle.peek(4096).lstrip()[:1]
             if is_json and head == b"[":  # an array; otherwise the file holds JSON Lines under a .json name
                 yield from _JsonArray(file, handle, errors, max_record_bytes).records()
+            elif is_json and head == b"{" and not _first_line_is_json(handle):
+                raise _one_object(file, handle, max_record_bytes)
             else:
                 yield from _read_jsonl(file, handle, errors, max_record_bytes)
     except READ_ERRORS as exc:  # a corrupt gzip/zstd stream fails on its first read
         raise DataError(f"{file}: cannot read the file: {exc}") from None
+
+
+def _first_line_is_json(handle: io.BufferedReader) -> bool:
+    """Whether the first line is a whole JSON value (JSON Lines), judged from the buffered start."""
+    head = handle.peek(CHUNK_BYTES)
+    line = head.split(b"\n", 1)[0]
+    if b"\n" not in head and len(head) >= CHUNK_BYTES:
+        return True  # a first line over a chunk: JSON Lines with a long record, or the message below in a moment
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def _one_object(file: Path, handle: io.BufferedReader, limit: int) -> DataError:
+    """The message for a .json file holding one JSON object (spread over lines) instead of records."""
+    body = handle.read(limit + 1)
+    if len(body) > limit:
+        return DataError(f"{file}: holds one JSON object larger than data.max_record_bytes={limit}, not records")
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        return DataError(f"{file}: malformed JSON ({exc})")
+    entries = [str(v["file_name"]) for v in value.values() if isinstance(v, dict) and "file_name" in v]
+    if file.name == DATASET_INFO or entries:
+        return DataError(
+            f"{file}: is a dataset catalogue (LLaMA-Factory's dataset_info.json), not a dataset",
+            hint=f"point data.train at the data file(s) it names ({', '.join(entries[:5]) or 'its file_name entries'})"
+            ", or list several under data.train (a list of sources)",
+        )
+    lists = [k for k, v in value.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    inside = f"; its key {lists[0]!r} holds a list of objects: make that list the file's content" if lists else ""
+    return DataError(
+        f"{file}: holds one JSON object (keys {clip_keys(value)}), not a list of records{inside}",
+        hint="a .json file holds a JSON array of records [{...}, ...] or JSON Lines (one record per line)",
+    )
+
+
+def clip_keys(value: dict) -> str:
+    keys = sorted(map(str, value))
+    return ", ".join(keys[:8]) + (f", ... ({len(keys)} keys)" if len(keys) > 8 else "")
 
 
 def _open(file: Path) -> io.BufferedReader:
@@ -363,9 +456,12 @@ def split_for_eval(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
     held = max(1, round(len(order) * fraction))
     if held >= len(order):
         raise DataError(f"data.eval_fraction {fraction} leaves no training records out of {len(order)}")
-    held_out = set(order[:held])
-    train = [e for i, e in enumerate(dataset.examples) if i not in held_out]
-    evaluation = [e for i, e in enumerate(dataset.examples) if i in held_out]
+    import numpy as np
+
+    held_out = np.zeros(len(order), dtype=bool)
+    held_out[order[:held]] = True
+    train = dataset.rows.select(np.flatnonzero(~held_out))  # indices into the memory-mapped rows, in file order
+    evaluation = dataset.rows.select(np.flatnonzero(held_out))
     return (
         Dataset(train, dataset.format, dataset.files, dataset.skipped, dataset.records_per_file),
         Dataset(evaluation, dataset.format, dataset.files),
