@@ -12,28 +12,23 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
-from job.data.formats import ROW_COLUMNS, clip
+from job.data.formats import ROW_COLUMNS
 from job.data.read import Example
-from job.data.templates import (
-    RENDER_MAX_CHARS,
-    RenderGuard,
-    RenderLimit,
-    compile_guarded,
-    read_configured_template,
-    render_bounded,
-)
+from job.data.special import SpecialStrings
+from job.data.templates import DEFAULT_ORIGIN as DEFAULT_ORIGIN
+from job.data.templates import PROBE_CALL, PROBE_TOOLS, RENDER_MAX_CHARS, RenderGuard
+from job.data.templates import ChatRenderer as ChatRenderer
+from job.data.templates import RenderLimitError as RenderLimitError
+from job.data.templates import apply_chat_template_choice as apply_chat_template_choice
+from job.data.templates import default_chat_template as default_chat_template
+from job.data.templates import resolve_chat_template as resolve_chat_template
 from job.errors import ConfigError, DataError
-from job.logs import get_logger
-
-log = get_logger(__name__)
 
 IGNORE_INDEX = -100
 PROBE = "\ue000{}\ue001"  # private-use characters: never part of a template's own text
 VERIFIED_PER_LAYOUT = 8
-DEFAULT_ORIGIN = "default-mistral-v3"
 CHARS_PER_TOKEN = 8
 """A long text is first cut to (max_length + 1) x this many characters (+ margin): twice the ~4 of English
 text, so one tokenization usually suffices; too few tokens in it and the cut doubles."""
@@ -58,89 +53,26 @@ class TokenizedSet:
         return sum(sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in self.labels)
 
 
-# ---------------------------------------------------------------- templates
-
-
-def default_chat_template() -> str:
-    """The Mistral v3 ([INST] ... [/INST]) template shipped with the job."""
-    return resources.files("job.assets").joinpath("mistral-v3-chat-template.jinja").read_text(encoding="utf-8")
-
-
-def resolve_chat_template(tokenizer: Any, configured: str | None) -> tuple[str, str]:
-    """(template, origin) that chat data would use: the config's, else the tokenizer's, else the shipped one."""
-    if configured:
-        return read_configured_template(configured), "config"
-    own = getattr(tokenizer, "chat_template", None)
-    if isinstance(own, dict):  # named templates: training uses the default one
-        own = own.get("default")
-    if own:
-        return own, "tokenizer"
-    return default_chat_template(), DEFAULT_ORIGIN
-
-
-def apply_chat_template_choice(tokenizer: Any, configured: str | None) -> str:
-    """Install the chat template to use on `tokenizer`; returns where it came from."""
-    template, origin = resolve_chat_template(tokenizer, configured)
-    if origin != "tokenizer":
-        tokenizer.chat_template = template
-    if origin == DEFAULT_ORIGIN:
-        log.warning("chat_template_default_used", reason="the tokenizer has no chat template", template="mistral-v3")
-    return origin
-
-
-class ChatRenderer:
-    """`apply_chat_template(tokenize=False)` without its per-call overhead: the same compiled template
-    (transformers' sandboxed Jinja environment) with the tokenizer's special tokens as variables, in an
-    overlay that stops a render past `guard`'s deadline or size cap (`job.data.templates`)."""
-
-    def __init__(self, tokenizer: Any, guard: RenderGuard | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.template, _ = resolve_chat_template(tokenizer, None)
-        self.variables = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
-        self.guard = guard or RenderGuard()
-        self.example_deadline: float | None = None
-        """Set per example by `Tokenize`: all its renders share one deadline; else each render has its own."""
-        self.compiled = compile_guarded(self.template, self.guard)  # None: the public, slower, unguarded path
-
-    def __call__(self, messages: list[dict], source: str, add_generation_prompt: bool = False) -> str:
-        try:
-            if self.compiled is None:
-                return self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=add_generation_prompt
-                )
-            self.guard.deadline = self.example_deadline or time.monotonic() + self.guard.seconds
-            return render_bounded(
-                self.compiled, self.guard, {"messages": messages, "tools": None, "documents": None,
-                "add_generation_prompt": add_generation_prompt, **self.variables},
-            )  # fmt: skip
-        except RenderLimit as exc:
-            raise RenderLimitError(
-                f"{source}: the chat template {exc} on this conversation, and was stopped",
-                hint="fix the template (data.chat_template): it loops or writes far more than the conversation",
-            ) from None
-        except Exception as exc:  # jinja raises TemplateError and plain exceptions from raise_exception()
-            raise DataError(f"{source}: the chat template rejected this conversation: {clip(str(exc))}") from None
-
-
-class RenderLimitError(DataError):
-    """A render hit its time or size limit: a template problem more than a record's."""
-
-
 # ---------------------------------------------------------------- assistant spans
 
 
 def assistant_spans(
-    render: ChatRenderer, messages: list[dict], text: str, source: str, prompt_turns: int = 0
+    render: ChatRenderer,
+    messages: list[dict],
+    text: str,
+    source: str,
+    prompt_turns: int = 0,
+    tools: list | None = None,
 ) -> list[tuple[int, int]]:
-    """Character spans of `text` that each trained assistant turn (content + end-of-turn) contributes."""
+    """Character spans of `text` that each trained assistant turn (content or tool calls + end-of-turn) adds."""
     spans = []
     cursor = 0
     last = len(messages) - 1
     for index in range(prompt_turns, len(messages)):
         if messages[index]["role"] != "assistant":
             continue
-        before = render(messages[:index], source, add_generation_prompt=True)
-        through = text if index == last else render(messages[: index + 1], source)
+        before = render(messages[:index], source, add_generation_prompt=True, tools=tools)
+        through = text if index == last else render(messages[: index + 1], source, tools=tools)
         added = through[_end_of_shared_tail(before, through) :]
         start = text.find(added, cursor)
         if not added or start < 0:
@@ -193,15 +125,19 @@ class SpanFinder:
         self.layouts: dict[tuple, Layout] = {}
         self.fallbacks = 0
 
-    def spans(self, messages: list[dict], text: str, source: str, prompt_turns: int) -> list[tuple[int, int]]:
-        key = (tuple(m["role"] for m in messages), prompt_turns)
+    def spans(
+        self, messages: list[dict], text: str, source: str, prompt_turns: int, tools: list | None = None
+    ) -> list[tuple[int, int]]:
+        # The layout depends on the roles, on which turns hold calls (and how many) and on a tool list being there.
+        shape = tuple(len(m.get("tool_calls") or ()) for m in messages)
+        key = (tuple(m["role"] for m in messages), prompt_turns, shape, bool(tools))
         layout = self.layouts.get(key)
         if layout is None:
-            layout = self.layouts[key] = self._probe(list(key[0]), prompt_turns)
+            layout = self.layouts[key] = self._probe(list(key[0]), prompt_turns, shape, bool(tools))
         fast = _locate(layout.pieces, messages, text) if layout.pieces is not None else None
         if fast is not None and layout.verified >= VERIFIED_PER_LAYOUT:
             return fast
-        exact = assistant_spans(self.render, messages, text, source, prompt_turns)
+        exact = assistant_spans(self.render, messages, text, source, prompt_turns, tools)
         if fast is None:
             self.fallbacks += 1
         elif fast != exact:
@@ -210,11 +146,14 @@ class SpanFinder:
             layout.verified += 1
         return exact
 
-    def _probe(self, roles: list[str], prompt_turns: int) -> Layout:
-        probe = [{"role": role, "content": PROBE.format(i)} for i, role in enumerate(roles)]
+    def _probe(self, roles: list[str], prompt_turns: int, shape: tuple[int, ...], has_tools: bool) -> Layout:
+        if any(shape[prompt_turns:]):  # a call's text is the template's own rendering of it: rendered each time
+            return Layout(None)
+        probe = [_probe_turn(role, i, shape[i]) for i, role in enumerate(roles)]
+        tools = PROBE_TOOLS if has_tools else None
         try:
-            text = self.render(probe, "probe")
-            spans = assistant_spans(self.render, probe, text, "probe", prompt_turns)
+            text = self.render(probe, "probe", tools=tools)
+            spans = assistant_spans(self.render, probe, text, "probe", prompt_turns, tools)
         except DataError:
             return Layout(None)
         trained = [i for i in range(prompt_turns, len(roles)) if roles[i] == "assistant"]
@@ -227,6 +166,15 @@ class SpanFinder:
                 return Layout(None)
             pieces.append((index, left, right))
         return Layout(pieces)
+
+
+def _probe_turn(role: str, index: int, calls: int) -> dict:
+    turn: dict = {"role": role, "content": PROBE.format(index)}
+    if calls:
+        turn["tool_calls"] = [{**PROBE_CALL, "id": f"{index:04d}{k:05d}"} for k in range(calls)]
+    if role == "tool":
+        turn.update(tool_call_id=PROBE_CALL["id"], name=PROBE_CALL["function"]["name"])
+    return turn
 
 
 def _locate(pieces: list[tuple[int, str, str]], messages: list[dict], text: str) -> list[tuple[int, int]] | None:
@@ -259,6 +207,7 @@ class Tokenize:
         max_length: int,
         max_invalid: int = 0,
         render_chars: int = RENDER_MAX_CHARS,
+        special_strings: str = "control",
     ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("the tokenizer has no fast (Rust) implementation, needed for character offsets")
@@ -267,13 +216,16 @@ class Tokenize:
         self.max_length = max_length
         self.max_invalid = max_invalid
         self.render_chars = render_chars
+        self.special_strings = special_strings
+        """`control`: special-token strings in content stay control tokens (counted); `text`: plain text."""
         self.eos = tokenizer.eos_token_id
         self.limit_hits = 0
         self.margin = MIN_MARGIN
         self._state: tuple[Any, ChatRenderer, SpanFinder, int] | None = None
+        self._specials: SpecialStrings | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_state": None}
+        return {**self.__dict__, "_state": None, "_specials": None}
 
     def state(self) -> tuple[Any, ChatRenderer, SpanFinder, int]:
         """(backend tokenizer, renderer, span finder, characters a text is first cut to before tokenizing)."""
@@ -289,29 +241,41 @@ class Tokenize:
             self.margin = stable_margin(backend)
             budget = (self.max_length + 1) * CHARS_PER_TOKEN + self.margin
             self._state = (backend, render, SpanFinder(render), budget)
+            self._specials = SpecialStrings(backend)
         return self._state
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         backend, render, finder, budget = self.state()
+        specials = self._specials
+        assert specials is not None
         count = len(batch["source"])
         out: dict[str, list] = {k: [None] * count for k in ("input_ids", "labels", "full_length", "error")}
         out["partial"] = [False] * count
+        out["special_strings"] = [0] * count
         chats, plain = [], []
         texts: dict[int, str] = {}
         spans: dict[int, list[tuple[int, int]] | None] = {}
+        as_text: dict[int, list[tuple[int, int]]] = {}
         conversations = batch.get("messages") or [None] * count
         completions = batch.get("completion") or [None] * count
+        tool_lists = batch.get("tools") or [None] * count
         for row in range(count):
-            source, messages = batch["source"][row], conversations[row]
-            if isinstance(messages, str):  # Example.to_row keeps turns as JSON text
+            source, messages, tools = batch["source"][row], conversations[row], tool_lists[row]
+            if isinstance(messages, str):  # Example.to_row keeps turns (and tools) as JSON text
                 messages = json.loads(messages)
+            if isinstance(tools, str):
+                tools = json.loads(tools)
             try:
                 if messages is not None:
                     render.example_deadline = time.monotonic() + render.guard.seconds  # every render of it
-                    texts[row] = render(messages, source)
+                    render.check_tools(messages, tools, source)
+                    text = texts[row] = render(messages, source, tools=tools)
                     turns = batch["prompt_turns"][row]
                     keep = self.train_on != "all"
-                    spans[row] = finder.spans(messages, texts[row], source, turns) if keep else None
+                    spans[row] = finder.spans(messages, text, source, turns, tools) if keep else None
+                    found = out["special_strings"][row] = specials.count(messages) + specials.count(tools)
+                    if found and self.special_strings == "text":
+                        as_text[row] = specials.content_spans(render, messages, tools, text, source)
                     chats.append(row)
                 else:
                     completion = completions[row]
@@ -319,6 +283,9 @@ class Tokenize:
                     texts[row] = prompt + (completion or "")
                     trained = completion is not None and self.train_on != "all"
                     spans[row] = [(len(prompt), len(texts[row]))] if trained else None
+                    found = out["special_strings"][row] = specials.count(texts[row])
+                    if found and self.special_strings == "text":
+                        as_text[row] = specials.find(texts[row])
                     plain.append(row)
             except RenderLimitError as exc:
                 self.limit_hits += 1
@@ -333,6 +300,8 @@ class Tokenize:
             if rows:
                 encoded = self._encode(backend, [texts[r] for r in rows], special, budget)
                 for row, (encoding, covered) in zip(rows, encoded, strict=True):
+                    if row in as_text:
+                        encoding = specials.as_text(encoding, texts[row], covered, as_text[row])
                     kept = spans[row] if covered == len(texts[row]) else _clip_spans(spans[row], covered)
                     ids, labels = _labels(encoding, kept, self.eos if special else None)
                     out["full_length"][row] = len(ids)

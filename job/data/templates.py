@@ -1,10 +1,11 @@
-"""Chat templates: where `data.chat_template` is read from, and rendering within a time and size limit.
+"""Chat templates: which one is used, where `data.chat_template` is read from, and rendering within limits.
 
 A value ending in `.jinja`/`.j2`, or written `file:PATH`, names a file (at most 256 KiB, never
 under /proc, /sys or /dev once links are resolved); anything else is the template itself. A
 template is compiled as transformers compiles it (its sandbox, filters and globals) into an
 overlay environment whose loops, calls, operators and output check a deadline and a size cap,
 so a template that loops for ever or writes without end stops with exit 65 (docs/data.md).
+`ChatRenderer` renders with it, tools included, and refuses a template that drops tool use.
 """
 
 from __future__ import annotations
@@ -15,11 +16,22 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
+from importlib import resources
 from typing import Any
 
-from job.errors import ConfigError, InputNotFound
-from job.logs import shorten
+from job.errors import ConfigError, DataError, InputNotFound
+from job.logs import get_logger, shorten
 
+log = get_logger(__name__)
+
+DEFAULT_ORIGIN = "default-mistral-v3"
+ORIGIN_ATTRIBUTE = "sft_chat_template_origin"
+"""Set on the tokenizer by `apply_chat_template_choice`, so errors can say which template it was."""
+ORIGIN_TEXT = {
+    "config": "data.chat_template",
+    "tokenizer": "the tokenizer's own",
+    DEFAULT_ORIGIN: "the shipped Mistral v3 template",
+}
 TEMPLATE_SUFFIXES = (".jinja", ".j2")
 FILE_PREFIX = "file:"
 MAX_TEMPLATE_BYTES = 256 * 1024
@@ -243,3 +255,137 @@ def render_bounded(template: Any, guard: RenderGuard, variables: dict[str, Any])
             raise RenderLimit(f"wrote more than {guard.max_chars} characters")
         chunks.append(chunk)
     return "".join(chunks)
+
+
+# ---------------------------------------------------------------- which template, and rendering with it
+
+
+def default_chat_template() -> str:
+    """The Mistral v3 ([INST] ... [/INST], tool tokens) template shipped with the job."""
+    return resources.files("job.assets").joinpath("mistral-v3-chat-template.jinja").read_text(encoding="utf-8")
+
+
+def resolve_chat_template(tokenizer: Any, configured: str | None) -> tuple[str, str]:
+    """(template, origin) that chat data would use: the config's, else the tokenizer's, else the shipped one."""
+    if configured:
+        return read_configured_template(configured), "config"
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # named templates: training uses the default one
+        own = own.get("default")
+    if own:
+        return own, "tokenizer"
+    return default_chat_template(), DEFAULT_ORIGIN
+
+
+def apply_chat_template_choice(tokenizer: Any, configured: str | None) -> str:
+    """Install the chat template to use on `tokenizer`; returns where it came from."""
+    template, origin = resolve_chat_template(tokenizer, configured)
+    if origin != "tokenizer":
+        tokenizer.chat_template = template
+    setattr(tokenizer, ORIGIN_ATTRIBUTE, origin)
+    if origin == DEFAULT_ORIGIN:
+        log.warning("chat_template_default_used", reason="the tokenizer has no chat template", template="mistral-v3")
+    return origin
+
+
+class RenderLimitError(DataError):
+    """A render hit its time or size limit: a template problem more than a record's."""
+
+
+# A probe conversation using every part of tool use, each with a private-use marker a template never writes.
+PROBE_NAME = "probe_tool_\ue010"
+PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": PROBE_NAME,
+            "description": "\ue011",
+            "parameters": {"type": "object", "properties": {"probe": {"type": "string"}}},
+        },
+    }
+]
+PROBE_CALL = {"id": "a1b2c3d4e", "type": "function", "function": {"name": PROBE_NAME, "arguments": {"probe": "\ue012"}}}
+PROBE_TURNS = [
+    {"role": "user", "content": "\ue013"},
+    {"role": "assistant", "content": "", "tool_calls": [PROBE_CALL]},
+    {"role": "tool", "content": "\ue014", "tool_call_id": "a1b2c3d4e", "name": PROBE_NAME},
+    {"role": "assistant", "content": "\ue015"},
+]
+TOOL_PARTS = {
+    "tools": ("the tool list", "\ue011"),
+    "calls": ("the tool calls", "\ue012"),
+    "results": ("the tool results", "\ue014"),
+}
+
+
+class ChatRenderer:
+    """`apply_chat_template(tokenize=False)` without its per-call overhead: the same compiled template
+    (transformers' sandboxed Jinja environment) with the tokenizer's special tokens as variables, in an
+    overlay that stops a render past `guard`'s deadline or size cap."""
+
+    def __init__(self, tokenizer: Any, guard: RenderGuard | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.template, _ = resolve_chat_template(tokenizer, None)
+        self.origin = ORIGIN_TEXT.get(getattr(tokenizer, ORIGIN_ATTRIBUTE, "tokenizer"), "the tokenizer's own")
+        self.variables = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
+        self.guard = guard or RenderGuard()
+        self.example_deadline: float | None = None
+        """Set per example by `Tokenize`: all its renders share one deadline; else each render has its own."""
+        self.compiled = compile_guarded(self.template, self.guard)  # None: the public, slower, unguarded path
+        self._tool_support: dict[str, str] | None = None
+
+    def __call__(
+        self, messages: list[dict], source: str, add_generation_prompt: bool = False, tools: list | None = None
+    ) -> str:
+        try:
+            if self.compiled is None:
+                return self.tokenizer.apply_chat_template(
+                    messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            self.guard.deadline = self.example_deadline or time.monotonic() + self.guard.seconds
+            return render_bounded(
+                self.compiled, self.guard, {"messages": messages, "tools": tools, "documents": None,
+                "add_generation_prompt": add_generation_prompt, **self.variables},
+            )  # fmt: skip
+        except RenderLimit as exc:
+            raise RenderLimitError(
+                f"{source}: the chat template {exc} on this conversation, and was stopped",
+                hint="fix the template (data.chat_template): it loops or writes far more than the conversation",
+            ) from None
+        except Exception as exc:  # jinja raises TemplateError and plain exceptions from raise_exception()
+            raise DataError(f"{source}: the chat template rejected this conversation: {shorten(str(exc))}") from None
+
+    def check_tools(self, messages: list[dict], tools: list | None, source: str) -> None:
+        """ConfigError (64) when this conversation uses a part of tool use that the template leaves out: calls
+        that vanish would train the answer without the call, a list that vanishes trains calls to unseen tools.
+        A template problem, not the record's, so it stops the job (skipping would drop every tool record)."""
+        used = {"tools"} if tools else set()
+        used |= {"calls" for m in messages if m.get("tool_calls")} | {
+            "results" for m in messages if m["role"] == "tool"
+        }
+        if not used:
+            return
+        support = self.tool_support()
+        missing = [support[part] for part in sorted(used) if part in support]
+        if missing:
+            raise ConfigError(
+                f"{source}: the chat template ({self.origin}) cannot render this record's tool use: "
+                + "; ".join(missing),
+                hint="set data.chat_template to a template that renders `tools`, `tool_calls` and `tool` turns "
+                "(the model's own with tool support, or the shipped Mistral v3 one)",
+            )
+
+    def tool_support(self) -> dict[str, str]:
+        """What the template does not render, per part of tool use (`TOOL_PARTS`), probed once."""
+        if self._tool_support is None:
+            self._tool_support = {}
+            try:
+                text = self(PROBE_TURNS, "probe", tools=PROBE_TOOLS)
+            except DataError as exc:
+                reason = f"it rejects a conversation with tools ({shorten(str(exc).removeprefix('probe: '), 200)})"
+                self._tool_support = dict.fromkeys(TOOL_PARTS, reason)
+                return self._tool_support
+            for part, (name, marker) in TOOL_PARTS.items():
+                if marker not in text:
+                    self._tool_support[part] = f"it leaves out {name}"
+        return self._tool_support
