@@ -34,8 +34,9 @@ def chat_tokenizer(tokenizer):
 
 @pytest.fixture(scope="module")
 def plain(chat_tokenizer):
-    split = tokenize_split(EXAMPLES, chat_tokenizer, DataConfig(train="x", max_length=256, num_proc=1), "train")
-    split.stats["sources_head"] = [e.source for e in EXAMPLES]  # as the split records it
+    data = DataConfig(train="x", max_length=256, text_mode="documents", num_proc=1)  # the document: one example
+    split = tokenize_split(EXAMPLES, chat_tokenizer, data, "train")
+    assert split.stats["sources_head"] == [e.source for e in EXAMPLES]
     return split
 
 
@@ -62,23 +63,33 @@ def test_n_bounds_what_is_shown(plain, chat_tokenizer) -> None:
     assert shown_examples(plain, chat_tokenizer, 0) == []
     assert len(shown_examples(plain, chat_tokenizer, 1)) == 1
     assert len(shown_examples(plain, chat_tokenizer, 50)) == len(EXAMPLES)
-    del plain.stats["sources_head"]
+    head = plain.stats.pop("sources_head")
     try:
         assert shown_examples(plain, chat_tokenizer, 1)[0]["source"] is None
     finally:
-        plain.stats["sources_head"] = [e.source for e in EXAMPLES]
+        plain.stats["sources_head"] = head
 
 
 def test_packed_rows_are_cut_back_into_their_examples(plain, chat_tokenizer) -> None:
-    data = DataConfig(train="x", max_length=256, packing=True, num_proc=1)
+    data = DataConfig(train="x", max_length=256, packing=True, text_mode="documents", num_proc=1)
     packed = tokenize_split(EXAMPLES, chat_tokenizer, data, "train")
-    packed.stats["sources_head"] = ["wrong: packing reorders examples"]
     assert len(packed.dataset) < len(EXAMPLES)  # several examples share a row
     shown = shown_examples(packed, chat_tokenizer, len(EXAMPLES))
     expected = shown_examples(plain, chat_tokenizer, len(EXAMPLES))
     key = lambda e: (e["text"], tuple(e["trained"]))  # noqa: E731
     assert sorted(map(key, shown)) == sorted(map(key, expected))
     assert all(e["source"] is None for e in shown)
+
+
+def test_blocks_are_shown_piece_by_piece(chat_tokenizer) -> None:
+    documents = [Example(f"doc.jsonl:{i}", text=f"Document {i} is long enough to cross a block edge.") for i in (1, 2)]
+    data = DataConfig(train="x", max_length=16, num_proc=1)  # text_mode: blocks
+    blocks = tokenize_split(documents, chat_tokenizer, data, "train")
+    shown = shown_examples(blocks, chat_tokenizer, 100)
+    assert len(shown) > len(blocks.dataset) and all(e["tokens"] <= 16 and e["source"] is None for e in shown)
+    assert all(e["trained"] == [e["text"]] for e in shown)  # a document trains every token
+    assert sum(e["tokens"] for e in shown) == blocks.stats["tokens"]
+    assert shown[0]["text"].startswith("<s> Document 1")
 
 
 def test_render_marks_trained_spans_with_and_without_color(plain, chat_tokenizer) -> None:

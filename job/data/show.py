@@ -1,9 +1,10 @@
 """What `validate --show N` prints: the first N tokenized examples, decoded, with the trained spans marked.
 
 A token is marked trained when its label is not -100 (the convention of `masking.describe_example`;
-the loss shifts labels by one, so position 0 of a sequence never trains). Packed rows are cut back
-into their examples by `seq_lengths`. Each example is decoded once in full; its trained spans and
-control tokens are located in that text by decoding the prefixes that end at their edges.
+the loss shifts labels by one, so position 0 of a sequence never trains). Rows with `seq_lengths`
+(packed, or continued-pretraining blocks) are cut back into their pieces. Each example is decoded
+once in full; its trained spans and control tokens are located in that text by decoding the
+prefixes that end at their edges.
 """
 
 from __future__ import annotations
@@ -27,21 +28,21 @@ VISIBLE_WHITESPACE = {"\n", "\t"}
 def shown_examples(split: Any, tokenizer: Any, n: int) -> list[dict[str, Any]]:
     """The first `n` examples of `split` (a `DataSplit`) as dicts for `validate --show` and `--json`.
 
-    Keys: `source` (`file:line`, or None when packed or unknown), `text` (the whole example decoded, control
-    tokens included), `trained` (the decoded text of each trained span, in order), `tokens`, `trained_tokens`,
-    and the character ranges [start, end) in `text` of the trained spans (`spans`) and control tokens (`control`).
+    Keys: `source` (`file:line`; None when packed, for a block's pieces, or unknown), `text` (the whole
+    example decoded, control tokens included), `trained` (the decoded text of each trained span, in order),
+    `tokens`, `trained_tokens`, and the character ranges [start, end) in `text` of the trained spans
+    (`spans`) and control tokens (`control`).
     """
     if n <= 0 or len(split.dataset) == 0:
         return []
-    packed = split.packed
-    head = split.stats.get("sources_head")
-    sources = head if head and not packed else []
-    rows = split.dataset.with_format(None)[: min(n, len(split.dataset))]  # a packed row holds one example or more
+    pieces = "seq_lengths" in split.dataset.column_names  # packed rows, or continued-pretraining blocks
+    rows = split.dataset.with_format(None)[: min(n, len(split.dataset))]  # such a row holds one example or more
+    sources = _sources(split.stats)
     control = _control_ids(tokenizer)
     shown: list[dict[str, Any]] = []
     for row, (ids, labels) in enumerate(zip(rows["input_ids"], rows["labels"], strict=True)):
         start = 0
-        for length in rows["seq_lengths"][row] if packed else [len(ids)]:
+        for length in rows["seq_lengths"][row] if pieces else [len(ids)]:
             index = len(shown)
             source = sources[index] if index < len(sources) else None
             piece = slice(start, start + length)
@@ -77,6 +78,15 @@ def describe(
         "spans": spans,
         "control": [[offsets[k], offsets[k + 1]] for k, token in enumerate(ids) if token in control],
     }
+
+
+def _sources(stats: dict[str, Any]) -> list[str]:
+    """`file:line` of the examples shown first, where known: packing reorders examples, and a block's pieces
+    are documents cut at block edges (they come after the other examples of the split)."""
+    if stats.get("packed"):
+        return []
+    head = stats.get("sources_head") or []
+    return head[: max(0, stats.get("examples", len(head)) - stats.get("documents", 0))]
 
 
 def _control_ids(tokenizer: Any) -> frozenset[int]:
