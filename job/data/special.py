@@ -9,6 +9,7 @@ text between two control tokens that holds one is tokenized again with special t
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import re
@@ -30,29 +31,13 @@ class SpecialStrings:
         self.backend = backend
         specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special and t.content}
         self.ids = frozenset(specials.values())
-        self.by_first: dict[str, list[str]] = {}
-        for string in sorted(specials, key=len, reverse=True):  # longest first, as the tokenizer matches
-            self.by_first.setdefault(string[0], []).append(string)
-        chars = "".join(re.escape(c) for c in self.by_first)
-        self.first = re.compile(f"[{chars}]") if chars else None
+        self.pattern = re.compile(_trie_pattern(specials)) if specials else None
         self._plain: tuple[Any, Any] | None = None
 
-    def find(self, text: str) -> list[tuple[int, int]]:
-        """Character spans of the special-token strings in `text`, left to right, longest match first."""
-        if self.first is None:
-            return []
-        spans: list[tuple[int, int]] = []
-        end = 0
-        for match in self.first.finditer(text):
-            at = match.start()
-            if at < end:
-                continue
-            for string in self.by_first[text[at]]:
-                if text.startswith(string, at):
-                    end = at + len(string)
-                    spans.append((at, end))
-                    break
-        return spans
+    def find(self, text: str) -> list[Span]:
+        """Character spans of the special-token strings in `text`, left to right, longest match first (as the
+        tokenizer matches them)."""
+        return [] if self.pattern is None else [m.span() for m in self.pattern.finditer(text)]
 
     def count(self, value: Any) -> int:
         """Occurrences in every text of a record's content: turn contents, calls, results, the tool list."""
@@ -148,6 +133,28 @@ class SpecialStrings:
         return Encoded(out_ids, out_offsets)
 
 
+def _trie_pattern(strings: Any) -> str:
+    """A regex matching any of `strings`, longest first, as a trie: one pass whatever their number (a plain
+    alternation of the ~750 special tokens of Mistral v3 tries each one at every candidate position)."""
+    trie: dict = {}
+    for string in strings:
+        node = trie
+        for char in string:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def build(node: dict) -> str:
+        branches = [re.escape(char) + build(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        if "" in node:  # a string ends here: the longer ones are tried first, greedily
+            return f"(?:{body})?"
+        return body
+
+    return build(trie)
+
+
 def _never_prepend(raw: Any) -> Any:
     """The tokenizer's JSON with every Metaspace `prepend_scheme: first` set to `never`."""
     if isinstance(raw, dict):
@@ -163,16 +170,21 @@ def _never_prepend(raw: Any) -> Any:
 class Encoded:
     """The parts of a `tokenizers.Encoding` that masking reads, for a spliced token sequence."""
 
-    def __init__(self, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+    def __init__(self, ids: list[int], offsets: list[Span]) -> None:
         self.ids = ids
         self.offsets = offsets
-        self._by_char: dict[int, int] = {}
-        for index, (low, high) in enumerate(offsets):
-            for char in range(low, high):
-                self._by_char.setdefault(char, index)
+        self._starts = [low for low, _ in offsets]
 
     def char_to_token(self, char: int) -> int | None:
-        return self._by_char.get(char)
+        """The first token whose characters hold `char` (bisect: a long document costs no per-character map)."""
+        index = bisect.bisect_right(self._starts, char) - 1
+        while index > 0 and self.offsets[index][0] > char:  # offsets out of order: never in practice, but safe
+            index -= 1
+        if index < 0 or not self.offsets[index][0] <= char < self.offsets[index][1]:
+            return None
+        while index > 0 and self.offsets[index - 1][0] == self.offsets[index][0] and self.offsets[index - 1][1] > char:
+            index -= 1  # byte-fallback pieces of one character share its offsets
+        return index
 
-    def token_to_chars(self, index: int) -> tuple[int, int] | None:
+    def token_to_chars(self, index: int) -> Span | None:
         return self.offsets[index]
