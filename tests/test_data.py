@@ -362,3 +362,27 @@ def test_a_huge_value_is_quoted_cut_short(tmp_path: Path, record: dict, fmt: str
         load_dataset(path, fmt)
     assert f"{path}:1" in str(info.value) and "[cut 999" in str(info.value)
     assert len(str(info.value)) < 2000
+
+
+def test_a_byte_order_mark_is_accepted_in_every_container(tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "one"}\n')
+    (tmp_path / "b.json").write_bytes(bom + b'[{"text": "two"}]')
+    with gzip.open(tmp_path / "c.jsonl.gz", "wb") as handle:
+        handle.write(bom + b'{"text": "three"}\n')
+    assert [e.text for e in load_dataset(tmp_path).examples] == ["one", "two", "three"]
+
+
+def test_one_json_object_and_a_dataset_catalogue_get_their_own_messages(tmp_path: Path) -> None:
+    (tmp_path / "one.json").write_text(json.dumps({"data": [{"text": "x"}], "version": 1}, indent=2))
+    with pytest.raises(DataError, match=r"one.json: holds one JSON object \(keys data, version\), not a list") as info:
+        load_dataset(tmp_path / "one.json")
+    assert "'data' holds a list of objects" in str(info.value) and info.value.exit_code == 65
+    folder = tmp_path / "llamafactory"
+    catalogue = {"alpaca_en_demo": {"file_name": "alpaca_en_demo.json"}, "c4": {"hf_hub_url": "allenai/c4"}}
+    write_jsonl(folder / "alpaca_en_demo.jsonl", [{"instruction": "i", "output": "o"}])
+    (folder / "dataset_info.json").write_text(json.dumps(catalogue, indent=2))
+    assert [f.name for f in load_dataset(folder).files] == ["alpaca_en_demo.jsonl"]  # skipped, with a log line
+    with pytest.raises(DataError, match="dataset catalogue") as info:
+        load_dataset(folder / "dataset_info.json")
+    assert "alpaca_en_demo.json" in info.value.hint and "list of sources" in info.value.hint

@@ -262,7 +262,7 @@ def _one_piece(table: Any) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    lengths = pc.list_value_length(table["input_ids"]).cast(pa.int32())
+    lengths = pc.list_value_length(table["input_ids"]).cast(pa.int32()).combine_chunks()
     offsets = pa.array(range(len(lengths) + 1), pa.int32())
     return table.append_column("seq_lengths", pa.ListArray.from_arrays(offsets, lengths))
 
