@@ -437,3 +437,71 @@ def test_short_examples_are_tokenized_whole_and_too_long_ones_say_so(tokenizer) 
         tokenize_examples([huge], local, max_length=16, train_on="assistant", truncation="error")
     kept = tokenize_examples([huge, short], local, max_length=64, train_on="assistant", truncation="drop")
     assert kept.dropped == ["t:2"] and kept.sources == ["t:1"]
+
+
+# ---------------------------------------------------------------- special-token strings inside content
+
+QUOTING = (
+    {"role": "system", "content": "Never write [INST] yourself."},
+    {"role": "user", "content": "What does </s> mean in [INST] tags?"},
+    {"role": "assistant", "content": "</s> ends a turn; [INST] opens one."},
+)
+
+
+def special_ids(tokenizer, ids: list[int]) -> list[str]:
+    specials = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in ("[INST]", "[/INST]")}
+    return [tokenizer.convert_ids_to_tokens(i) for i in ids if i in specials]
+
+
+def test_special_strings_in_content_are_counted_and_become_control_tokens_by_default(tokenizer) -> None:
+    local = copy.deepcopy(tokenizer)
+    apply_chat_template_choice(local, None)
+    examples = [
+        Example("q:1", messages=QUOTING),
+        Example("q:2", text="a </s> b"),
+        Example("q:3", messages=CONVERSATION),
+    ]
+    out = Tokenize(local, train_on="assistant", max_length=512)(examples_to_columns(examples))
+    assert out["special_strings"] == [5, 1, 0]
+    assert special_ids(local, out["input_ids"][0]) == ["<s>", "[INST]", "[INST]", "</s>", "[INST]", "[/INST]",
+                                                      "</s>", "[INST]", "</s>"]  # fmt: skip
+    assert special_ids(local, out["input_ids"][1]) == ["<s>", "</s>", "</s>"]
+
+
+def test_with_special_strings_text_no_control_token_comes_from_content(tokenizer) -> None:
+    local = copy.deepcopy(tokenizer)
+    apply_chat_template_choice(local, None)
+    examples = [
+        Example("q:1", messages=QUOTING),
+        Example("q:2", text="a </s> b"),
+        Example("q:3", messages=CONVERSATION),
+    ]
+    columns = examples_to_columns(examples)
+    text = Tokenize(local, train_on="assistant", max_length=512, special_strings="text")(columns)
+    control = Tokenize(local, train_on="assistant", max_length=512)(columns)
+    assert text["special_strings"] == [5, 1, 0]  # counted in both modes
+    assert special_ids(local, text["input_ids"][0]) == ["<s>", "[INST]", "[/INST]", "</s>"]  # the template's only
+    assert special_ids(local, text["input_ids"][1]) == ["<s>", "</s>"]  # BOS and the document's own EOS
+    assert text["input_ids"][2] == control["input_ids"][2] and text["labels"][2] == control["labels"][2]
+    for row in (0, 1):  # the same characters either way
+        assert local.decode(text["input_ids"][row]) == local.decode(control["input_ids"][row])
+    ids, labels = text["input_ids"][0], text["labels"][0]
+    trained = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    assert local.decode(trained) == "</s> ends a turn; [INST] opens one.</s>"  # the mask moved with the tokens
+    assert trained.count(local.eos_token_id) == 1
+    # Each content string is tokenized as text would be anywhere: what the tokenizer gives with specials as text.
+    plain = copy.deepcopy(local.backend_tokenizer)
+    plain.encode_special_tokens = True
+    assert plain.encode(" a </s> b", add_special_tokens=False).ids == text["input_ids"][1][1:-1]
+
+
+def test_special_strings_as_text_keep_truncation_exact(tokenizer) -> None:
+    local = copy.deepcopy(tokenizer)
+    apply_chat_template_choice(local, None)
+    document = Example("t:doc", text=long_text(3, 60_000))
+    whole = Tokenize(local, train_on="assistant", max_length=1 << 40, special_strings="text")(
+        examples_to_columns([document])
+    )
+    cut = Tokenize(local, train_on="assistant", max_length=300, special_strings="text")(examples_to_columns([document]))
+    assert cut["partial"] == [True] and cut["input_ids"][0] == whole["input_ids"][0][:300]
+    assert local.eos_token_id not in whole["input_ids"][0][1:-1] and whole["special_strings"][0] > 100
