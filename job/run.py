@@ -274,7 +274,8 @@ class TrainingRun:
         from job.train.compile import speed_up_model
         from job.train.fastpath import choose_fast_path, detect_device
 
-        self.fast = choose_fast_path(self.config, detect_device(), model_location=self.prepared.source.location)
+        location, packed = self.prepared.source.location, self.prepared.train.packed
+        self.fast = choose_fast_path(self.config, detect_device(), model_location=location, packed=packed)
         train = self.config.train  # the planner's split (only where the user set neither) is what gets recorded
         train.per_device_train_batch_size, train.gradient_accumulation_steps = (
             self.fast.batch_size,
@@ -424,6 +425,7 @@ class TrainingRun:
             base_model=self.config.model.source,
             revision=self.config.model.revision,
             data_files=self.prepared.data_digests,
+            sources=self.prepared.sources,
             metrics=metrics,
             facts=facts,
         )

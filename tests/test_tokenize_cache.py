@@ -67,7 +67,7 @@ def test_restart_reuses_the_cache_without_reading_or_tokenizing(tmp_path, tiny_m
         raise AssertionError("the data was read or tokenized again")
 
     monkeypatch.setattr("job.data.prepare.tokenize_split", forbidden)
-    monkeypatch.setattr("job.data.prepare.load_dataset", forbidden)
+    monkeypatch.setattr("job.data.assemble.load_dataset", forbidden)
     with capture_logs() as logs:
         again = prepare(config, store=store)  # same node: scratch
     assert again.cache_hit and events(logs, "tokenize_cache_hit")[0]["where"] == "scratch"

@@ -20,16 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from job.config.schema import JobConfig, scratch_dir
+from job.config.schema import JobConfig, SourceConfig, scratch_dir
+from job.data.assemble import Assembled, assemble, data_digests, source_rows
 from job.data.cache import TokenizeCache, fingerprint, tokenizer_digest
 from job.data.masking import apply_chat_template_choice, resolve_chat_template
-from job.data.read import Dataset, file_digests, list_data_files, load_dataset, split_for_eval
+from job.data.read import file_digests, list_data_files
+from job.data.show import shown_examples
+from job.data.sources import fetch_source, fetch_sources
 from job.data.splits import MAX_LISTED, DataSplit, steps_per_epoch, tokenize_split
 from job.data.templates import read_configured_template
 from job.errors import DataError, JobError
 from job.logs import get_logger
 from job.model.load import ModelSource, load_tokenizer, resolve_source
-from job.storage import AlreadyExists, Store, fetch_input
+from job.storage import AlreadyExists, Store
 
 log = get_logger(__name__)
 
@@ -70,6 +73,10 @@ class Prepared:
     """Bad records skipped under data.max_invalid (`location: reason`)."""
     cache_hit: bool = False
     fingerprint: str = ""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Per `data.train` source: records, examples, tokens and token share, Hub commit (`job.data.assemble`)."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Fields the records hold that training does not use, and template placeholders (`job.data.notes`)."""
 
     @property
     def format(self) -> str:
@@ -87,22 +94,25 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
     started = time.monotonic()
     if data.chat_template:
         read_configured_template(data.chat_template)  # a bad path or a forbidden file fails before any download
-    train_root = fetch_input(data.train, scratch, config.storage)  # type: ignore[arg-type]
-    eval_root = fetch_input(data.eval, scratch, config.storage) if data.eval else None
-    digests = file_digests(list_data_files(train_root), train_root)
+    fetched = fetch_sources(data, scratch, config.storage)
+    evaluation_source = SourceConfig(data.eval, data.format) if data.eval else None
+    eval_root = fetch_source(evaluation_source, 0, scratch, config.storage).root if evaluation_source else None
+    digests = data_digests(fetched)
     eval_digests = file_digests(list_data_files(eval_root), eval_root) if eval_root else None
-    split_seed = config.train.seed if data.eval_fraction else None
+    split_seed = config.train.seed if data.eval_fraction or len(fetched) > 1 else None
+    mixture = [(s.config.path, s.config.format, s.config.weight, s.config.max_examples, s.revision) for s in fetched]
     data_key = fingerprint(
         {"train": digests, "eval": eval_digests, "format": data.format, "eval_fraction": data.eval_fraction,
-         "seed": split_seed, "max_record_bytes": data.max_record_bytes}
+         "seed": split_seed, "max_record_bytes": data.max_record_bytes,
+         **({"sources": mixture} if len(fetched) > 1 else {})}
     )  # fmt: skip
     workdir = _records_workdir(scratch)
     cache = TokenizeCache(scratch / "cache", store if data.cache else None)
     validated = cache.read_validation(data_key) if data.cache else None
-    loaded: tuple[Dataset, Dataset | None, int] | None = None
+    loaded: Assembled | None = None
     if validated is None:
-        loaded = _load(config, train_root, eval_root, workdir)  # bad data stops here, before the model is pulled
-        validated = _validation_record(*loaded)
+        loaded = assemble(config, fetched, eval_root, workdir)  # bad data stops here, before the model is pulled
+        validated = loaded.record
         if data.cache:
             cache.write_validation(data_key, validated)
     else:
@@ -127,9 +137,9 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
     else:
         if data.cache:
             log.info("tokenize_cache_miss", fingerprint=key)
-        loaded = loaded or _load(config, train_root, eval_root, workdir)
-        train = tokenize_split(loaded[0].rows, tokenizer, data, "train")
-        evaluation = tokenize_split(loaded[1].rows, tokenizer, data, "eval") if loaded[1] else None
+        loaded = loaded or assemble(config, fetched, eval_root, workdir)
+        train = tokenize_split(loaded.train, tokenizer, data, "train")
+        evaluation = tokenize_split(loaded.eval, tokenizer, data, "eval") if loaded.eval is not None else None
         summary = {"train": train.stats, "eval": evaluation.stats if evaluation else None}
         if data.cache:
             splits = {"train": train.dataset, **({"eval": evaluation.dataset} if evaluation else {})}
@@ -144,8 +154,11 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
         _write_report(skipped, config, scratch, store, data_key)
     info = DatasetInfo(validated["format"], validated["records"], validated["records_per_file"])
     prepared = Prepared(
-        info, train, evaluation, source, tokenizer, template_origin, digests, skipped, hit is not None, key
-    )
+        info, train, evaluation, source, tokenizer, template_origin, digests, skipped, hit is not None, key,
+        sources=source_rows(validated, train.stats.get("tokens_by_origin", [])), notes=validated.get("notes", {}),
+    )  # fmt: skip
+    if len(prepared.sources) > 1:
+        log.info("data_sources", sources=prepared.sources)
     _log_ready(prepared, time.monotonic() - started, data.special_strings)
     return prepared
 
@@ -170,38 +183,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _load(
-    config: JobConfig, train_root: Path, eval_root: Path | None, workdir: Path
-) -> tuple[Dataset, Dataset | None, int]:
-    """The train and eval records, validated, and how many valid records the train files hold."""
-    data = config.data
-    limits = {"max_invalid": data.max_invalid, "max_record_bytes": data.max_record_bytes, "workdir": workdir}
-    dataset = load_dataset(train_root, data.format, **limits)
-    train, held_out = split_for_eval(dataset, data.eval_fraction, config.train.seed)
-    if eval_root is not None:
-        held_out = load_dataset(eval_root, dataset.format, **limits)
-        held_out.skipped = [f"(eval) {line}" for line in held_out.skipped]
-    return train, held_out, len(dataset)
-
-
-def _validation_record(train: Dataset, held_out: Dataset | None, records: int) -> dict[str, Any]:
-    separate_eval = held_out is not None and held_out.files != train.files
-    return {
-        "format": train.format,
-        "chat": _has_chat(train) or (held_out is not None and _has_chat(held_out)),
-        "records": records,
-        "records_per_file": train.records_per_file,
-        "eval_records_per_file": held_out.records_per_file if separate_eval else {},  # type: ignore[union-attr]
-        "skipped": [*train.skipped, *(held_out.skipped if separate_eval else [])],  # type: ignore[union-attr]
-    }
-
-
-def _has_chat(dataset: Dataset) -> bool:
-    """Whether any row is a chat (the whole table: a split's rows are a selection of it)."""
-    messages = dataset.rows.data.column("messages")
-    return messages.null_count < len(messages)
 
 
 def _check_invalid(skipped: list[str], max_invalid: int) -> None:
@@ -296,8 +277,9 @@ def _ends(text: str, limit: int) -> str:
     return f"{text[:half]} [... {len(text) - 2 * half} characters ...] {text[-half:]}"
 
 
-def validate(config: JobConfig, *, store: Store | None = None) -> dict[str, Any]:
-    """Config and data checks, with the statistics a user needs to size the run."""
+def validate(config: JobConfig, *, store: Store | None = None, show: int = 0) -> dict[str, Any]:
+    """Config and data checks, with the statistics a user needs to size the run; `show`: that many training
+    examples decoded, with their trained spans (`job.data.show`)."""
     prepared = prepare(config, store=store)
     train = prepared.train.stats
     per_step = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps
@@ -335,4 +317,8 @@ def validate(config: JobConfig, *, store: Store | None = None) -> dict[str, Any]
     }
     if config.data.packing:
         report["packing_efficiency"] = train["packing_efficiency"]
+    report["sources"] = prepared.sources
+    report["notes"] = prepared.notes
+    if show:
+        report["shown"] = shown_examples(prepared.train, prepared.tokenizer, show)
     return report

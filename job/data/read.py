@@ -22,6 +22,7 @@ from typing import Any
 
 from job.config.schema import MAX_RECORD_BYTES
 from job.data.formats import Example, describe_unknown, detect_format, parse_record
+from job.data.notes import RecordNotes
 from job.data.rows import Examples, RowWriter
 from job.errors import DataError, InputNotFound
 from job.logs import get_logger
@@ -125,6 +126,7 @@ def load_dataset(
     max_invalid: int = 0,
     max_record_bytes: int = MAX_RECORD_BYTES,
     workdir: Path | None = None,
+    notes: RecordNotes | None = None,
 ) -> Dataset:
     """Read and validate every record under `path`; DataError lists bad records with file:line.
 
@@ -144,6 +146,8 @@ def load_dataset(
                     errors.append(str(describe_unknown(record, location)))
                     continue
                 detected_at = location
+            if notes is not None and isinstance(record, dict):
+                notes.observe(record, detected, location)
             try:
                 writer.add(parse_record(record, detected, location))
             except DataError as exc:

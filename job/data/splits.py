@@ -43,6 +43,7 @@ def _features() -> Any:
 
     ints = datasets.List(datasets.Value("int32"))
     kinds = {"source": "string", "full_length": "int32", "partial": "bool", "trainable": "int32", "error": "string"}
+    kinds["origin"] = "int32"  # the example's source in `data.train` (its index): token shares per source
     columns = {"input_ids": ints, "labels": ints, **{k: datasets.Value(v) for k, v in kinds.items()}}
     columns |= {"special_strings": datasets.Value("int32"), "block": datasets.Value("bool")}
     return datasets.Features(columns)
@@ -132,10 +133,11 @@ class TokenizeRows:
             for name in OUTPUTS:
                 values = result.get(name) or [0] * len(indices)
                 for index, value in zip(indices, values, strict=True):
-                    compact = tokenize is self.documents and name in ("input_ids", "labels") and value is not None
+                    compact = name in ("input_ids", "labels") and value is not None  # one type per batch
                     out[name][index] = np.asarray(value, dtype=np.int32) if compact else value
         out["block"] = whole
         out["source"] = batch["source"]
+        out["origin"] = batch["origin"] if "origin" in batch else [0] * count
         return out
 
 
@@ -226,6 +228,12 @@ def tokenize_split(examples: Any, tokenizer: Any, data: DataConfig, name: str) -
         parts.append(blocks.cast(parts[0].features) if parts else blocks)
     dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     stats["tokens_kept"] = stats["tokens"]
+    origin = table["origin"].to_numpy(zero_copy_only=False)
+    size = int(origin.max()) + 1 if len(origin) else 1
+    by_origin = np.zeros(size, dtype=np.int64)
+    np.add.at(by_origin, origin[keep], lengths)
+    np.add.at(by_origin, origin[documents], full[documents])  # blocks keep every document token
+    stats["tokens_by_origin"] = [int(t) for t in by_origin]
     stats["lengths"] = _percentiles(np.concatenate(row_lengths))
     stats["seq_lengths"] = "seq_lengths" in dataset.column_names
     stats["sequences"] = len(dataset)

@@ -370,8 +370,11 @@ _model_config = model_config_at  # the name tests/test_model.py knows
 SPLIT_KEYS = ("train.per_device_train_batch_size", "train.gradient_accumulation_steps")
 
 
-def choose_fast_path(config: Any, dev: DeviceInfo, model_location: str | None = None) -> FastPath:
-    """Decide the fast path for a JobConfig on `dev` and log it.
+def choose_fast_path(
+    config: Any, dev: DeviceInfo, model_location: str | None = None, *, packed: bool | None = None
+) -> FastPath:
+    """Decide the fast path for a JobConfig on `dev` and log it. `packed`: the training rows carry `seq_lengths`
+    (packing, or text cut into blocks) and must run padding-free; None: as `data.packing` says.
 
     `model_location` is where the model was resolved to (a directory or a Hub id): the planner reads its
     config.json for the layer count and the peaks; without it, `model.source` is tried (on CPU only when the
@@ -410,7 +413,7 @@ def choose_fast_path(config: Any, dev: DeviceInfo, model_location: str | None = 
             tf32=getattr(model, "tf32", None),
             compile=getattr(model, "compile", None),
             liger_kernels=bool(getattr(model, "liger_kernels", False)),
-            packing=bool(getattr(data, "packing", False)),
+            packing=bool(getattr(data, "packing", False)) if packed is None else packed,
             activation_checkpointing=train.activation_checkpointing,
             checkpointing_layers=setting,
             layers=layer_count(model_config) if model_config is not None else None,

@@ -48,7 +48,13 @@ def _fsdp_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_sft_config(
-    config: JobConfig, output_dir: Path, device: str, *, has_eval: bool, fast: FastPath | None = None
+    config: JobConfig,
+    output_dir: Path,
+    device: str,
+    *,
+    has_eval: bool,
+    fast: FastPath | None = None,
+    packed: bool | None = None,
 ) -> SFTConfig:
     """SFTConfig from the `train:` section plus the fields the job owns and the fast path's switches.
 
@@ -84,10 +90,10 @@ def build_sft_config(
         "fp16": on_gpu and config.model.dtype == "float16",
         "use_cpu": not on_gpu,
         "max_length": config.data.max_length,
-        # The dataset arrives tokenized, masked and (data.packing) packed with `seq_lengths`: TRL prepares
-        # nothing; packing=True only makes its collator padding-free, so positions restart per example.
-        "packing": config.data.packing,
-        "padding_free": config.data.packing,
+        # The dataset arrives tokenized, masked and (data.packing, or text cut into blocks) with `seq_lengths`:
+        # TRL prepares nothing; packing=True only makes its collator padding-free, so positions restart per piece.
+        "packing": config.data.packing if packed is None else packed,
+        "padding_free": config.data.packing if packed is None else packed,
         "dataset_kwargs": {"skip_prepare_dataset": True},
         # Step-based saves go through Trainer; time- and signal-based ones through CheckpointCallback.
         "save_strategy": "steps",
@@ -225,7 +231,10 @@ def build_trainer(
 ) -> tuple[JobTrainer, StepMetrics]:
     """The trainer with our step records first among its callbacks (a non-finite loss stops the step
     before any checkpoint is saved), and Trainer's printed dicts and progress bars removed."""
-    args = build_sft_config(config, output_dir, fast.device.kind, has_eval=eval_dataset is not None, fast=fast)
+    packed = "seq_lengths" in (getattr(train_dataset, "column_names", None) or ())
+    args = build_sft_config(
+        config, output_dir, fast.device.kind, has_eval=eval_dataset is not None, fast=fast, packed=packed
+    )
     metrics = StepMetrics(sink=sink, flops=flops_budget, group=group or Group.single())
     optimizer = None
     if is_ours(config.train.optim):
