@@ -260,3 +260,30 @@ def test_a_failed_background_write_surfaces_with_its_class_and_leaves_no_folder(
     assert trainer.state.global_step < 4  # surfaced at a step's end, before training finished
     assert not [p.name for p in (tmp_path / "trainer").iterdir() if p.name.startswith("checkpoint")]
     assert preemption.measured.save_seconds is None  # a failed write measures nothing
+
+
+@pytest.mark.parametrize("text_mode", ["blocks", "documents"])
+def test_text_blocks_train_padding_free_even_without_packing(tmp_path, tiny_model_dir, text_mode) -> None:
+    """Blocks carry `seq_lengths`: run padded, their documents would attend to each other."""
+    import torch
+    from test_tokenize_cache import job_config
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_jsonl
+    from job.data.prepare import prepare
+    from job.train.fastpath import choose_fast_path, detect_device
+    from job.train.trainer import build_trainer
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": " ".join(["word"] * (10 + 9 * i))} for i in range(8)])
+    config = job_config(tmp_path, tiny_model_dir, docs, f"data.text_mode={text_mode}", "data.packing=false")
+    prepared = prepare(config)
+    assert prepared.train.packed == (text_mode == "blocks")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    fast = choose_fast_path(config, detect_device("cpu"), packed=prepared.train.packed)
+    trainer, _ = build_trainer(config, model, prepared.tokenizer, prepared.train.dataset, None, tmp_path, fast)
+    assert trainer.args.padding_free == (text_mode == "blocks")
+    if text_mode == "blocks":
+        row = prepared.train.dataset.with_format(None)[0]
+        batch = trainer.data_collator([row])
+        restarts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+        assert len(restarts) == len(row["seq_lengths"]) > 1  # positions restart at each document piece
