@@ -134,11 +134,23 @@ def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool,
         if as_json:
             click.echo(json.dumps({"ok": True, **report}, indent=2, sort_keys=True))
         else:
-            click.echo("\n".join(f"{key}: {value}" for key, value in report.items() if key != "shown"))
+            click.echo("\n".join(f"{key}: {value}" for key, value in report.items() if key not in ("shown", "sources")))
+            _echo_sources(report.get("sources") or [])
             _echo_shown(report.get("shown") or [])
         return 0
 
     return _execute(config_path, overrides, action, json_errors=as_json)
+
+
+def _echo_sources(sources: list[dict[str, Any]]) -> None:
+    """One line per `data.train` source: what it gives the mixture."""
+    click.echo("sources:")
+    for row in sources:
+        revision = f" @ {row['revision'][:12]}" if row.get("revision") else ""
+        click.echo(
+            f"  {row['name']}{revision}: {row['format']}, {row['records']} records -> {row['examples']} examples "
+            f"(weight {row['weight']:g}), {row['tokens']} tokens = {100 * row['token_share']:.1f}%"
+        )
 
 
 def _echo_shown(examples: list[dict[str, Any]]) -> None:
