@@ -6,6 +6,7 @@ S3 fixtures (a moto server on loopback) live in s3_fixtures.py.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -263,3 +264,44 @@ class JobProcess:
         """Wait for the exit: the run as `run_job` reports it (every stderr line must be JSON; stdout not kept)."""
         code = self.wait(timeout)
         return JobResult(code, "", "".join(self.raw), time.monotonic() - self.started)
+
+
+# ---------------------------------------------------------------- the Hub, offline
+
+
+@pytest.fixture
+def hub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No ambient token, cache or offline switch: the cache is `<scratch>/hub`; returns the scratch dir."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    return tmp_path / "scratch"
+
+
+def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Anything that still tried the network would hit the discard port and fail loudly.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+
+
+def write_cache(cache: Path, repo: str, refs: dict[str, str], files: dict[str, bytes]) -> Path:
+    """The layout huggingface_hub writes: blobs by hash, snapshots/<commit>/ of links, refs/<name> -> commit."""
+    folder = cache / f"datasets--{repo.replace('/', '--')}"
+    for name, commit in refs.items():
+        (folder / "refs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / name).write_text(commit)
+    for commit in set(refs.values()):
+        for relative, data in files.items():
+            blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            link = folder / "snapshots" / commit / relative
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.unlink(missing_ok=True)
+            link.symlink_to(blob)
+    return folder

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from test_hub_data import go_offline, hub_env, write_cache  # noqa: F401  (hub_env is a fixture)
 from test_tokenize_cache import chat_records, job_config
 
-from conftest import write_jsonl
+from conftest import go_offline, write_cache, write_jsonl
 from job.config.schema import SourceConfig
 from job.data.assemble import assemble
 from job.data.prepare import validate
@@ -93,7 +92,7 @@ def test_a_hub_source_is_read_at_its_commit_and_the_commit_is_reported(
     tmp_path,
     tiny_model_dir,
     hub_env,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ) -> None:
     commit = "3" * 40
     body = "".join(json.dumps(r) + "\n" for r in chat_records(6)).encode()

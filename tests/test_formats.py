@@ -6,22 +6,15 @@ from __future__ import annotations
 import copy
 
 import pytest
+from test_tools import runs
 
 from job.data.formats import parse_record
-from job.data.masking import IGNORE_INDEX, apply_chat_template_choice, tokenize_one
+from job.data.masking import apply_chat_template_choice, tokenize_one
 from job.errors import DataError
 
 
 def trained(tokenizer, example) -> list[str]:
-    ids, labels = tokenize_one(example, tokenizer, train_on="assistant")
-    out, current = [], []
-    for token, label in [*zip(ids, labels, strict=True), (None, IGNORE_INDEX)]:
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            out.append(tokenizer.decode(current))
-            current = []
-    return out
+    return runs(tokenizer, *tokenize_one(example, tokenizer, train_on="assistant"))
 
 
 def test_a_sharegpt_system_column_becomes_the_system_turn(tokenizer) -> None:

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from conftest import go_offline, write_cache
 from job.config.schema import DataConfig, SourceConfig, StorageConfig
 from job.data.hub import fetch_hub_dataset, parse_hub_uri
 from job.data.read import list_data_files
@@ -80,44 +81,6 @@ def test_a_plain_path_selects_a_file_or_a_folder() -> None:
 
 
 # ---------------------------------------------------------------- environment
-
-
-@pytest.fixture
-def hub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No ambient token, cache or offline switch: the cache is `<scratch>/hub`; returns the scratch dir."""
-    from huggingface_hub import constants
-
-    for name in ("HF_TOKEN", "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
-    return tmp_path / "scratch"
-
-
-def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Anything that still tried the network would hit the discard port and fail loudly.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-
-
-def write_cache(cache: Path, repo: str, refs: dict[str, str], files: dict[str, bytes]) -> Path:
-    """The layout huggingface_hub writes: blobs by hash, snapshots/<commit>/ of links, refs/<name> -> commit."""
-    folder = cache / f"datasets--{repo.replace('/', '--')}"
-    for name, commit in refs.items():
-        (folder / "refs" / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / "refs" / name).write_text(commit)
-    for commit in set(refs.values()):
-        for relative, data in files.items():
-            blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            blob.write_bytes(data)
-            link = folder / "snapshots" / commit / relative
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.unlink(missing_ok=True)
-            link.symlink_to(blob)
-    return folder
 
 
 # ---------------------------------------------------------------- offline: a cache on disk

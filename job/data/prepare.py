@@ -29,6 +29,7 @@ from job.data.show import shown_examples
 from job.data.sources import fetch_source, fetch_sources
 from job.data.splits import MAX_LISTED, DataSplit, steps_per_epoch, tokenize_split
 from job.data.templates import read_configured_template
+from job.durability.scratch import process_alive
 from job.errors import DataError, JobError
 from job.logs import get_logger
 from job.model.load import ModelSource, load_tokenizer, resolve_source
@@ -170,19 +171,9 @@ def _records_workdir(scratch: Path) -> Path:
     if root.is_dir():
         for old in root.iterdir():
             pid = old.name.split("-", 1)[0]
-            if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+            if not pid.isdigit() or int(pid) == os.getpid() or not process_alive(int(pid)):
                 shutil.rmtree(old, ignore_errors=True)
     return root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_invalid(skipped: list[str], max_invalid: int) -> None:

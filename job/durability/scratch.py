@@ -47,7 +47,7 @@ def sweep_partials(root: Path, *, now: float | None = None) -> int:
             continue
         age = now - _newest_mtime(path)
         pid = int(match.group(1))
-        writer_gone = pid == os.getpid() or not _alive(pid)
+        writer_gone = pid == os.getpid() or not process_alive(pid)
         if age < STALE_SECONDS or (age < ABANDONED_SECONDS and not writer_gone):
             continue
         size = _size(path)
@@ -170,7 +170,8 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
