@@ -158,7 +158,7 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
         info, train, evaluation, source, tokenizer, template_origin, digests, skipped, hit is not None, key,
         sources=source_rows(validated, train.stats.get("tokens_by_origin", [])), notes=validated.get("notes", {}),
     )  # fmt: skip
-    if len(prepared.sources) > 1:
+    if len(prepared.sources) > 1 or any(row["revision"] for row in prepared.sources):  # Hub commits, with the run
         log.info("data_sources", sources=prepared.sources)
     _log_ready(prepared, time.monotonic() - started, data.special_strings)
     return prepared
