@@ -114,3 +114,24 @@ def test_one_plain_path_reads_as_it_always_did(tmp_path, tiny_model_dir, three_s
     report = validate(config)
     assert report["files"].keys() == {"alpaca.jsonl"} and report["format"] == "alpaca"
     assert [(r["examples"], r["token_share"]) for r in report["sources"]] == [(30, 1.0)]
+
+
+def test_a_restart_reads_the_commit_the_first_start_read(tmp_path, tiny_model_dir, hub_env, monkeypatch) -> None:
+    from job.data.prepare import COMMITS, prepare
+    from job.storage.local import LocalStore
+
+    first, moved = "4" * 40, "5" * 40
+    body = "".join(json.dumps(r) + "\n" for r in chat_records(6)).encode()
+    write_cache(hub_env / "hub", "org/chats", {"main": first}, {"train.jsonl": body})
+    go_offline(monkeypatch)
+    config = job_config(tmp_path, tiny_model_dir, Path("unused"), "data.train=hf://datasets/org/chats",
+                        f"run.scratch={hub_env}")  # fmt: skip
+    store = LocalStore(tmp_path / "out" / "run")
+    assert prepare(config, store=store).sources[0]["revision"] == first
+    assert json.loads(store.read_bytes(COMMITS)) == {"hf://datasets/org/chats": first}
+    more = "".join(json.dumps(r) + "\n" for r in chat_records(9)).encode()
+    write_cache(hub_env / "hub", "org/chats", {"main": moved}, {"train.jsonl": more})  # the branch moved
+    again = prepare(config, store=store)
+    assert again.sources[0]["revision"] == first and again.dataset.records == 6
+    fresh = prepare(config, store=LocalStore(tmp_path / "out" / "other"))  # another run reads the branch now
+    assert fresh.sources[0]["revision"] == moved and fresh.dataset.records == 9

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -95,7 +96,8 @@ def prepare(config: JobConfig, *, store: Store | None = None) -> Prepared:
     started = time.monotonic()
     if data.chat_template:
         read_configured_template(data.chat_template)  # a bad path or a forbidden file fails before any download
-    fetched = fetch_sources(data, scratch, config.storage)
+    fetched = fetch_sources(data, scratch, config.storage, pins=_recorded_commits(store))
+    _record_commits(store, fetched)
     evaluation_source = SourceConfig(data.eval, data.format) if data.eval else None
     eval_root = fetch_source(evaluation_source, 0, scratch, config.storage).root if evaluation_source else None
     digests = data_digests(fetched)
@@ -174,6 +176,29 @@ def _records_workdir(scratch: Path) -> Path:
             if not pid.isdigit() or int(pid) == os.getpid() or not process_alive(int(pid)):
                 shutil.rmtree(old, ignore_errors=True)
     return root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+COMMITS = "reports/hub-commits.json"
+"""Hub commits the run's first start read, by source path: every restart reads the same data."""
+
+
+def _recorded_commits(store: Store | None) -> dict[str, str]:
+    if store is None or not store.exists(COMMITS):
+        return {}
+    try:
+        recorded = json.loads(store.read_bytes(COMMITS))
+    except ValueError:
+        log.warning("hub_commits_unreadable", key=COMMITS, note="the Hub revisions are resolved again")
+        return {}
+    return {k: v for k, v in recorded.items() if isinstance(v, str)} if isinstance(recorded, dict) else {}
+
+
+def _record_commits(store: Store | None, fetched: list[Any]) -> None:
+    """The first start's commits; a later start finds them (a source added later is drift, refused anyway)."""
+    commits = {source.config.path: source.revision for source in fetched if source.revision}
+    if store is not None and commits and not store.exists(COMMITS):
+        with contextlib.suppress(AlreadyExists):  # another start recorded its own first: the next one reads those
+            store.write_bytes(COMMITS, json.dumps(commits, indent=1, sort_keys=True).encode(), if_absent=True)
 
 
 def _check_invalid(skipped: list[str], max_invalid: int) -> None:

@@ -9,14 +9,16 @@ any credentials masked.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from job.config.schema import DataConfig, SourceConfig, StorageConfig
-from job.data.hub import SYNTAX, fetch_hub_dataset, is_hub_uri
+from job.data.hub import SYNTAX, fetch_hub_dataset, is_hub_uri, parse_hub_uri
 from job.errors import ConfigError, InputNotFound
-from job.logs import redact_urls, shorten
+from job.logs import get_logger, redact_urls, shorten
 from job.storage import fetch_input, is_remote
+
+log = get_logger(__name__)
 
 __all__ = ["FetchedSource", "fetch_source", "fetch_sources", "source_name"]
 
@@ -41,17 +43,29 @@ def source_name(path: str) -> str:
     return redact_urls(path)
 
 
-def fetch_sources(data: DataConfig, scratch: Path, storage: StorageConfig) -> list[FetchedSource]:
-    """Every training source, fetched in `data.train` order."""
-    return [fetch_source(source, index, scratch, storage) for index, source in enumerate(data.sources())]
+def fetch_sources(
+    data: DataConfig, scratch: Path, storage: StorageConfig, pins: dict[str, str] | None = None
+) -> list[FetchedSource]:
+    """Every training source, fetched in `data.train` order. `pins`: Hub commits an earlier start of the run
+    read, by source path: a restart reads the same commit even when the branch has moved since."""
+    return [
+        fetch_source(source, index, scratch, storage, pin=(pins or {}).get(source.path))
+        for index, source in enumerate(data.sources())
+    ]
 
 
-def fetch_source(source: SourceConfig, index: int, scratch: Path, storage: StorageConfig) -> FetchedSource:
+def fetch_source(
+    source: SourceConfig, index: int, scratch: Path, storage: StorageConfig, *, pin: str | None = None
+) -> FetchedSource:
     """One source to a local path (use `SourceConfig(data.eval, data.format)` for the eval data)."""
     path = source.path
     name = source_name(path)
     if is_hub_uri(path):
-        fetched = fetch_hub_dataset(path, scratch)
+        uri = parse_hub_uri(path)
+        pinned = str(replace(uri, revision=pin)) if pin and pin != uri.revision else path
+        if pinned != path:
+            log.info("hub_source_pinned", source=name, commit=pin, reason="the commit an earlier start read")
+        fetched = fetch_hub_dataset(pinned, scratch)
         return FetchedSource(source, index, name, fetched.root, fetched.commit)
     scheme = SCHEME.match(path)
     if scheme and not is_remote(path) and scheme.group(1).lower() != "file":
