@@ -386,3 +386,17 @@ def test_one_json_object_and_a_dataset_catalogue_get_their_own_messages(tmp_path
     with pytest.raises(DataError, match="dataset catalogue") as info:
         load_dataset(folder / "dataset_info.json")
     assert "alpaca_en_demo.json" in info.value.hint and "list of sources" in info.value.hint
+
+
+def test_a_folder_whose_files_hold_different_formats_points_to_a_list_of_sources(tmp_path) -> None:
+    write_jsonl(tmp_path / "d" / "a.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                           {"role": "assistant", "content": "Hello"}]}])  # fmt: skip
+    write_jsonl(tmp_path / "d" / "b.jsonl", [{"instruction": "Say hi", "output": "hi"}] * 2)
+    with pytest.raises(DataError) as caught:
+        load_dataset(tmp_path / "d")
+    assert "b.jsonl:1" in caught.value.message and "looks like `alpaca`" in caught.value.message
+    assert "list them under data.train as sources" in caught.value.hint
+    write_jsonl(tmp_path / "one" / "a.jsonl", [{"instruction": "Say hi"}])  # one file: a plain bad record
+    with pytest.raises(DataError) as caught:
+        load_dataset(tmp_path / "one", "alpaca")
+    assert "sources" not in caught.value.hint

@@ -39,6 +39,7 @@ DATA_SUFFIXES = (
     ".parquet",
 )
 MAX_REPORTED_ERRORS = 10
+FORMAT_NOTE = "the dataset's format"
 CHUNK_BYTES = 1 << 20
 READ_ERRORS = (OSError, EOFError, ValueError)  # ValueError: pyarrow's ArrowInvalid on a corrupt zstd frame
 BOM = codecs.BOM_UTF8
@@ -157,9 +158,12 @@ def load_dataset(
     if len(errors) > max_invalid:
         shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
+        mixed = len(files) > 1 and any(FORMAT_NOTE in error for error in errors)
         raise DataError(
             f"{len(errors)} bad record(s) in {path} (data.max_invalid={max_invalid}):\n  {shown}{more}",
-            hint="fix the records, or raise data.max_invalid to skip them (they are listed in the run's reports/)",
+            hint="its files hold different formats: list them under data.train as sources, each with its own format"
+            if mixed
+            else "fix the records, or raise data.max_invalid to skip them (they are listed in the run's reports/)",
         )
     if not examples:
         raise DataError(f"dataset {path} holds no records", hint="an empty dataset trains nothing")
@@ -174,7 +178,7 @@ def _with_format_note(exc: DataError, record: Any, fmt: str, detected_at: str) -
     other = detect_format(record)
     if other is None or other == fmt:
         return str(exc)
-    return f"{exc} (the dataset's format `{fmt}` was detected at {detected_at}; this record looks like `{other}`)"
+    return f"{exc} ({FORMAT_NOTE} `{fmt}` was detected at {detected_at}; this record looks like `{other}`)"
 
 
 # ---------------------------------------------------------------- readers
