@@ -35,6 +35,24 @@ def test_unused_fields_are_counted_with_their_first_location() -> None:
     }
 
 
+def test_unused_turn_fields_are_counted_once_per_record() -> None:
+    """Axolotl's per-turn `weight` (0: do not train this turn) means nothing here: say so."""
+    turns = [{"from": "human", "value": "Hi", "weight": 0}, {"from": "gpt", "value": "Hello", "weight": 1}]
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": "r"}]
+    notes = observe_all(
+        [
+            ({"conversations": turns}, "sharegpt"),
+            ({"conversations": [*turns[:1], {"from": "gpt", "value": "x"}]}, "sharegpt"),
+            ({"messages": chat}, "messages"),
+            ({"messages": [{"role": "user", "content": "Hi", "tool_call_id": "a", "name": "f"}]}, "messages"),
+        ]
+    )
+    assert notes.summary()["unused_fields"] == {
+        "conversations[].weight": {"records": 2, "first": "f.jsonl:1"},
+        "messages[].reasoning_content": {"records": 1, "first": "f.jsonl:3"},
+    }
+
+
 def test_fields_each_format_uses_are_never_reported() -> None:
     for fmt, fields in USED_FIELDS.items():
         notes = observe_all([(dict.fromkeys(fields, "x"), fmt)])

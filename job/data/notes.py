@@ -25,6 +25,15 @@ USED_FIELDS: dict[str, frozenset[str]] = {
 }
 """Top-level fields each format reads; any other non-empty field of a record is reported as unused."""
 
+TURN_FIELDS: dict[str, frozenset[str]] = {
+    "messages": frozenset({"role", "content", "tool_calls", "tool_call_id", "name"}),
+    "conversations": frozenset({"from", "value"}),
+    "prompt": frozenset({"role", "content", "tool_calls", "tool_call_id", "name"}),
+    "completion": frozenset({"role", "content", "tool_calls", "tool_call_id", "name"}),
+}
+"""Fields of each turn a turn list's entries may use; another one (Axolotl's per-turn `weight`, a `train` flag)
+is reported as `messages[].weight`: it changes nothing here, and its author meant it to."""
+
 PLACEHOLDER = re.compile(
     r"(?<![A-Za-z0-9_\\}^$])"  # not glued to a word, a LaTeX command or group (`\frac{{x}}{{y}}`), `^{{2}}`
     r"\{\{\{?\s*"  # `{{`, or Mustache's unescaped `{{{`
@@ -64,14 +73,18 @@ class RecordNotes:
             used = USED_FIELDS.get(fmt, frozenset())
             unused = self._unused_by_keys[(fmt, keys)] = tuple(k for k in keys if k not in used)
         for name in unused:
-            value = record[name]
-            if value is None or (not value and isinstance(value, (str, list, dict))):
-                continue  # an empty value (a Parquet column this record leaves null) loses nothing
-            seen = self.unused.get(name)
-            if seen is None:
-                self.unused[name] = UnusedField(1, location)
-            else:
-                seen.records += 1
+            self._count_unused(name, record[name], location)
+        for key in keys:
+            turn_fields = TURN_FIELDS.get(key)
+            if turn_fields is None or key in unused or not isinstance(record[key], list):
+                continue
+            extra: dict[str, Any] = {}
+            for turn in record[key]:
+                if isinstance(turn, dict) and not turn.keys() <= turn_fields:
+                    for field_name in turn.keys() - turn_fields:
+                        extra.setdefault(field_name, turn[field_name])
+            for field_name, value in extra.items():
+                self._count_unused(f"{key}[].{field_name}", value, location)
         found = 0
         for key in keys:
             if key not in unused:
@@ -81,6 +94,15 @@ class RecordNotes:
             self.placeholder_occurrences += found
             if self.placeholder_first is None:
                 self.placeholder_first = location
+
+    def _count_unused(self, name: str, value: Any, location: str) -> None:
+        if value is None or (not value and isinstance(value, (str, list, dict))):
+            return  # an empty value (a Parquet column this record leaves null) loses nothing
+        seen = self.unused.get(name)
+        if seen is None:
+            self.unused[name] = UnusedField(1, location)
+        else:
+            seen.records += 1
 
     def _placeholders(self, value: Any) -> int:
         """Placeholders in the strings of `value` (nested lists and objects included)."""
