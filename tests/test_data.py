@@ -400,3 +400,20 @@ def test_a_folder_whose_files_hold_different_formats_points_to_a_list_of_sources
     with pytest.raises(DataError) as caught:
         load_dataset(tmp_path / "one", "alpaca")
     assert "sources" not in caught.value.hint
+
+
+def test_json_nested_deeper_than_the_reader_allows_is_a_bad_record_not_a_crash(tmp_path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    call = {"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": deep}}
+    tool_use = {"messages": [good["messages"][0], {"role": "assistant", "tool_calls": [call]},
+                             {"role": "tool", "content": "x"}, {"role": "assistant", "content": "ok"}]}  # fmt: skip
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text(json.dumps(good) + "\n" + '{"messages": ' + deep + "}\n" + json.dumps(tool_use) + "\n")
+    dataset = load_dataset(lines, max_invalid=2)
+    assert len(dataset) == 1 and [e.split(": ", 1)[0] for e in dataset.skipped] == [f"{lines}:2", f"{lines}:3"]
+    assert all("nested too deeply" in e for e in dataset.skipped)
+    array = tmp_path / "deep.json"
+    array.write_text("[" + json.dumps(good) + ",\n" + deep + "]")
+    with pytest.raises(DataError, match=f"{array}:2: JSON nested too deeply"):
+        load_dataset(array)

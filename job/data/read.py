@@ -39,6 +39,7 @@ DATA_SUFFIXES = (
     ".parquet",
 )
 MAX_REPORTED_ERRORS = 10
+TOO_DEEP = "JSON nested too deeply (more levels than Python's JSON reader allows)"
 FORMAT_NOTE = "the dataset's format"
 CHUNK_BYTES = 1 << 20
 READ_ERRORS = (OSError, EOFError, ValueError)  # ValueError: pyarrow's ArrowInvalid on a corrupt zstd frame
@@ -106,7 +107,7 @@ def _catalogue_entries(file: Path) -> list[str] | None:
         return None
     try:
         value = json.loads(file.read_bytes().removeprefix(BOM))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(value, dict) or not value or not all(isinstance(v, dict) for v in value.values()):
         return None
@@ -153,6 +154,8 @@ def load_dataset(
                 writer.add(parse_record(record, detected, location))
             except DataError as exc:
                 errors.append(_with_format_note(exc, record, detected, detected_at))
+            except RecursionError:  # a value nested too deeply to check, copy or render
+                errors.append(f"{location}: {TOO_DEEP}")
         per_file[relative_name(file, path)] = writer.count - before
     examples = writer.close()
     if len(errors) > max_invalid:
@@ -214,7 +217,7 @@ def _first_line_is_json(handle: io.BufferedReader) -> bool:
         return True  # a first line over a chunk: JSON Lines with a long record, or the message below in a moment
     try:
         json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 
@@ -228,6 +231,8 @@ def _one_object(file: Path, handle: io.BufferedReader, limit: int) -> DataError:
         value = json.loads(body)
     except ValueError as exc:
         return DataError(f"{file}: malformed JSON ({exc})")
+    except RecursionError:
+        return DataError(f"{file}: {TOO_DEEP}")
     entries = [str(v["file_name"]) for v in value.values() if isinstance(v, dict) and "file_name" in v]
     if file.name == DATASET_INFO or entries:
         return DataError(
@@ -289,6 +294,8 @@ def _read_jsonl(file: Path, handle: io.BufferedReader, errors: list[str], limit:
                 yield location, json.loads(line)
             except json.JSONDecodeError as exc:
                 errors.append(f"{location}: malformed JSON ({exc.msg} at column {exc.colno})")
+            except RecursionError:
+                errors.append(f"{location}: {TOO_DEEP}")
     except READ_ERRORS as exc:  # gzip/zstd streams fail while reading, not on open
         raise DataError(f"{file}:{number + 1}: cannot decompress the file: {exc}") from None
 
@@ -354,6 +361,8 @@ class _JsonArray:
                         f"{self.file}:{at}: malformed JSON ({exc.msg} at column {exc.colno}); "
                         "the rest of the JSON array cannot be read"
                     ) from None
+            except RecursionError:
+                raise DataError(f"{self.file}:{line}: {TOO_DEEP}; the rest of the JSON array cannot be read") from None
             if len(self.text) - pos > self.limit:  # characters: at least as many bytes
                 message = _oversized(f"{self.file}:{line}", self.limit, self.limit, at_least=True)
                 raise DataError(f"{message}; the rest of the JSON array cannot be read")
