@@ -164,29 +164,36 @@ def check_same_masks(path: Path, model_dir: Path, work: Path, count: int) -> int
     return differing
 
 
-def tree_rss(process) -> int:
-    """Resident bytes of `process` and all its descendants (worker processes included), as proportional set
-    size: pages that forked workers share with their parent are counted once, not once per process."""
+def tree_memory(process) -> tuple[int, int]:
+    """(PSS, anonymous PSS) of `process` and all its descendants (worker processes included). Proportional set
+    size counts pages that forked workers share with their parent once, not once per process. The anonymous
+    part is the heap: what the pipeline holds. The rest is file pages, the memory-mapped Arrow files read
+    through the page cache, which the kernel drops under pressure."""
     import psutil
 
-    total = 0
+    total = anonymous = 0
     for member in (process, *process.children(recursive=True)):
-        with contextlib.suppress(psutil.Error):  # a worker that just ended
-            total += member.memory_full_info().pss
-    return total
+        with contextlib.suppress(psutil.Error, OSError):  # a worker that just ended
+            fields = dict(
+                line.split(":", 1) for line in Path(f"/proc/{member.pid}/smaps_rollup").read_text().splitlines()[1:]
+            )
+            total += int(fields["Pss"].split()[0]) * 1024
+            anonymous += int(fields["Pss_Anon"].split()[0]) * 1024
+    return total, anonymous
 
 
-def measured(argv: list[str]) -> tuple[dict, int]:
-    """Run this script as a child with `argv`; its JSON result and the peak resident memory of its tree."""
+def measured(argv: list[str]) -> tuple[dict, tuple[int, int]]:
+    """Run this script as a child with `argv`; its JSON result and the peak (PSS, anonymous PSS) of its tree."""
     import psutil
 
     child = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True)
-    process, peak, done = psutil.Process(child.pid), 0, threading.Event()
+    process, peak, done = psutil.Process(child.pid), (0, 0), threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_rss(process))
+            now = tree_memory(process)
+            peak = (max(peak[0], now[0]), max(peak[1], now[1]))
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -218,6 +225,9 @@ def child(options: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+PIPELINES = (("TRL SFTTrainer preparation", "trl"), ("ours, cold", "ours"), ("ours, cache hit", "hit"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", default="50000", help="one size or several, comma-separated")
@@ -226,6 +236,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--no-packing", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pipelines", default="trl,ours,hit", help="which to run, comma-separated (default: all)")
     parser.add_argument("--child", choices=("trl", "ours", "hit"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -252,32 +263,32 @@ def main() -> None:
             print(f"masks: TRL (generation markers) vs ours (rendered prefixes) on 200 records: {differing} differ")
             shared = ["--data", str(data), "--model", str(model_dir), "--num-proc", str(options.num_proc),
                       "--max-length", str(options.max_length), *(["--no-packing"] if not packing else [])]  # fmt: skip
-            for name, kind in (
-                ("TRL SFTTrainer preparation", "trl"),
-                ("ours, cold", "ours"),
-                ("ours, cache hit", "hit"),
-            ):
+            for name, kind in PIPELINES:
+                if kind not in options.pipelines.split(","):
+                    continue
                 folder = work / f"{kind if kind != 'hit' else 'ours'}-{size}"
-                result, peak = measured(["--child", kind, "--work", str(folder), *shared])
+                result, (peak, anonymous) = measured(["--child", kind, "--work", str(folder), *shared])
                 results.append({"pipeline": name, "records": size, "mib": round(data.stat().st_size / 2**20, 1),
-                                **result, "peak_rss_mib": round(peak / 2**20)})  # fmt: skip
-                print(f"  {name} at {size:,}: {result['seconds']:.1f} s, peak {peak / 2**20:,.0f} MiB", flush=True)
+                                **result, "peak_pss_mib": round(peak / 2**20),
+                                "peak_anon_pss_mib": round(anonymous / 2**20)})  # fmt: skip
+                print(f"  {name} at {size:,}: {result['seconds']:.1f} s, peak {peak / 2**20:,.0f} MiB "
+                      f"({anonymous / 2**20:,.0f} MiB anonymous)", flush=True)  # fmt: skip
             data.unlink()
 
     print(
         f"\n{options.format} records, max_length {options.max_length}, packing {packing}, {options.num_proc} "
         "process(es), tokenizer: Mistral v3 (32768); peak PSS: the pipeline's process and its workers\n"
     )
-    print("| pipeline | records | JSONL MiB | rows | tokens | seconds | tokens/s | vs TRL | peak PSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| pipeline | records | JSONL MiB | rows | tokens | seconds | tokens/s | vs TRL | peak PSS MiB | anon MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in results:
-        trl = next(r for r in results if r["records"] == row["records"] and r["pipeline"].startswith("TRL"))
+        trl = next((r for r in results if r["records"] == row["records"] and r["pipeline"].startswith("TRL")), None)
         rate = row["tokens"] / row["seconds"]
         row["tokens_per_second"] = round(rate)
+        versus = f"{rate / (trl['tokens'] / trl['seconds']):.2f}x" if trl else "-"
         print(
             f"| {row['pipeline']} | {row['records']:,} | {row['mib']} | {row['rows']:,} | {row['tokens']:,} | "
-            f"{row['seconds']:.1f} | {rate:,.0f} | {rate / (trl['tokens'] / trl['seconds']):.2f}x | "
-            f"{row['peak_rss_mib']:,} |"
+            f"{row['seconds']:.1f} | {rate:,.0f} | {versus} | {row['peak_pss_mib']:,} | {row['peak_anon_pss_mib']:,} |"
         )
     print(json.dumps({"bench": "data_prep", "format": options.format, "packing": packing, "results": results}))
 
