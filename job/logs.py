@@ -111,6 +111,31 @@ def _sanitize_event(_logger: Any, _name: str, event: dict) -> dict:
     return sanitize(event)
 
 
+SEVERITY = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "error": "ERROR", "critical": "CRITICAL"}
+"""Our levels as Cloud Logging's LogSeverity names (also what Azure Monitor and CloudWatch Insights parse)."""
+MESSAGE_LIMIT = 300
+"""The `message` summary a console shows on one line; every field stays in the JSON beside it."""
+_NOT_IN_MESSAGE = frozenset({"event", "level", "logger", "timestamp", "run", "exception", "exc_info", "stack"})
+
+
+def _console_fields(_logger: Any, _name: str, event: dict) -> dict:
+    """`severity`, `message` and `time` (RFC 3339, UTC) for cloud consoles, beside our `event`, `level` and
+    `timestamp`: Cloud Logging reads a stderr line without `severity` as an ERROR, and shows `message` as the
+    line's summary."""
+    level = str(event.get("level", "info")).lower()
+    event["severity"] = SEVERITY.get(level, "ERROR" if level == "exception" else "DEFAULT")
+    scalars = " ".join(
+        f"{key}={value}"
+        for key, value in event.items()
+        if key not in _NOT_IN_MESSAGE and key != "severity" and isinstance(value, (str, int, float, bool))
+    )
+    text = f"{event.get('event', '')} {scalars}".strip()
+    event["message"] = text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+    if "timestamp" in event:
+        event["time"] = event["timestamp"]
+    return event
+
+
 def _redacting(renderer: Any) -> Any:
     """The renderer, then a last pass over the rendered line: values rendered late (an object's str(),
     the console renderer's tracebacks) have not been through `sanitize`."""
@@ -147,6 +172,7 @@ def setup_logging(*, json_mode: bool | None = None, level: str | None = None) ->
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _JSON_TRACEBACKS if json_mode else _identity,
             _sanitize_event,
+            _console_fields if json_mode else _identity,  # from sanitized values: no credential, no 1 MB value
             _redacting(renderer),
         ],
     )

@@ -57,3 +57,30 @@ def test_json_lines_carry_the_run_level_logger_and_hide_no_exception(capsys) -> 
     assert (lines[1]["level"], lines[1]["logger"]) == ("warning", "transformers.trainer")
     assert lines[2]["exception"][0]["exc_type"] == "ValueError"  # the traceback as JSON, without locals
     assert "locals" not in json.dumps(lines[2]["exception"])
+
+
+def test_json_lines_read_right_in_cloud_consoles(capsys) -> None:
+    """Cloud Logging reads `severity` (else a stderr line is an ERROR), `message` (the summary) and `time`."""
+    import datetime
+    import logging
+
+    from job.logs import MESSAGE_LIMIT, get_logger, setup_logging
+
+    setup_logging(json_mode=True, level="DEBUG")
+    log = get_logger("job.run")
+    log.debug("cache_checked", hit=True)
+    log.info("step", step=3, loss=0.5, endpoint="http://user:secret@minio:9000")
+    logging.getLogger("transformers.trainer").warning("from a library")
+    log.error("job_failed", exit_code=65, error="x" * 5000)
+    logging.getLogger("torch").critical("fatal")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert [line["severity"] for line in lines] == ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    assert lines[1]["message"] == "step step=3 loss=0.5 endpoint=http://***@minio:9000"
+    assert lines[2]["message"] == "from a library" and lines[2]["event"] == "from a library"
+    assert lines[3]["message"].startswith("job_failed exit_code=65 error=xxx") and len(lines[3]["message"]) == (
+        MESSAGE_LIMIT
+    )
+    for line in lines:
+        assert line["time"].endswith("Z") and line["time"] == line["timestamp"]
+        moment = datetime.datetime.fromisoformat(line["time"])  # RFC 3339, UTC
+        assert moment.utcoffset() == datetime.timedelta(0)

@@ -182,3 +182,13 @@ def test_the_card_names_each_source_and_its_token_share() -> None:
     assert front["datasets"] == ["org/set", "s3://bucket/mine.jsonl"]
     assert "| `hf://datasets/org/set@v1/data/*.parquet` | sharegpt | `c0ffee` | 30 | 300 | 75.0% |" in card
     assert "| `s3://bucket/mine.jsonl` | alpaca | `-` | 10 | 100 | 25.0% |" in card
+
+
+def test_every_line_of_a_real_run_carries_severity_message_and_time(reference_run) -> None:
+    result, _ = reference_run
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert len(lines) > 20 and all({"severity", "message", "time", "event"} <= line.keys() for line in lines)
+    assert {line["severity"] for line in lines} <= {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+    step = next(line for line in lines if line["event"] == "step")
+    assert step["message"].startswith(f"step step={step['step']} max_steps=")
+    assert f"loss={step['loss']}" in step["message"]
