@@ -364,3 +364,20 @@ def test_text_mode_and_special_strings_are_checked() -> None:
     for key, value in (("text_mode", "lines"), ("special_strings", "drop")):
         with pytest.raises(ConfigError, match=f"data.{key}"):
             load_config(None, [*BASE, f"data.{key}={value}"], environ={})
+
+
+def test_report_to_names_only_trackers_that_are_installed(tmp_path, monkeypatch) -> None:
+    """A tracker the Trainer cannot build is exit 64 at load, not exit 1 (retried) when training starts."""
+    for value in ("none", "all"):
+        load_config(None, [*BASE, f"train.report_to={value}"], environ={})
+    with pytest.raises(ConfigError, match=r"\['tensorbord'\]: not a tracker") as caught:
+        load_config(None, [*BASE, "train.report_to=tensorbord"], environ={})
+    assert caught.value.exit_code == 64 and "tensorboard" in caught.value.hint
+    monkeypatch.syspath_prepend(str(tmp_path))  # where an installed tensorboardX would be found
+    with pytest.raises(ConfigError, match="names tensorboard, which is not installed") as caught:
+        load_config(None, [*BASE, "train.report_to=[tensorboard]"], environ={})
+    assert "pip install tensorboard" in caught.value.hint
+    (tmp_path / "tensorboardX").mkdir()
+    (tmp_path / "tensorboardX" / "__init__.py").write_text("")
+    config = load_config(None, [*BASE, "train.report_to=[tensorboard]"], environ={})
+    assert config.train.extra["report_to"] == ["tensorboard"]

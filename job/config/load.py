@@ -21,6 +21,7 @@ import yaml
 
 from job.config.convert import MAX_YAML_BYTES, coerce, load_yaml
 from job.config.schema import ALIASES, OWNED_ELSEWHERE, SECTION_TYPES, JobConfig, TrainConfig
+from job.config.trackers import check_trackers
 from job.errors import ConfigError
 from job.logs import redact_urls, shorten
 
@@ -201,6 +202,8 @@ def _split_train_extra(values: dict[str, Any]) -> dict[str, Any]:
     extra = {k: v for k, v in values.items() if k not in own}
     kept = {k: v for k, v in values.items() if k in own}
     kept["extra"] = {k: coerce(v, sft_config_fields()[k], f"train.{k}") for k, v in sorted(extra.items())}
+    if "report_to" in kept["extra"]:
+        check_trackers(kept["extra"]["report_to"])
     return kept
 
 

@@ -85,7 +85,9 @@ python entrypoint.py config --reference > docs/config.md
   `learning_rate`).
 - **`train:` passes through to TRL**: besides the keys below it takes any other `trl.SFTConfig`
   field (type-checked against SFTConfig), except those another section owns (`train.max_length`
-  is refused with "set by data.max_length").
+  is refused with "set by data.max_length"). `train.report_to` may name only trackers installed where
+  the job runs (`tensorboard`, `wandb`, `mlflow`, ...): another is refused with exit 64 when the config
+  loads, not when the Trainer is built.
 """
 
 
