@@ -86,8 +86,8 @@ def test_env_values_convert_too() -> None:
 
 
 def test_other_sft_config_fields_pass_through_typed() -> None:
-    config = load_config(None, [*BASE, "train.eval_steps=5", "train.report_to=[tensorboard]"], environ={})
-    assert config.train.extra == {"eval_steps": 5, "report_to": ["tensorboard"]}
+    config = load_config(None, [*BASE, "train.eval_steps=5", "train.label_names=[labels]"], environ={})
+    assert config.train.extra == {"eval_steps": 5, "label_names": ["labels"]}
     assert to_yaml(config).count("eval_steps: 5") == 1  # written back under train:
 
 
