@@ -423,6 +423,7 @@ class TrainingRun:
         card = render_card(
             self.config,
             base_model=self.config.model.source,
+            hub_id=self.config.model.source if self.prepared.source.is_hub else None,
             revision=self.config.model.revision,
             data_files=self.prepared.data_digests,
             sources=self.prepared.sources,

@@ -85,7 +85,9 @@ def test_metrics_and_card(reference_run) -> None:
     assert math.isfinite(metrics["eval_loss"]) and metrics["trained_tokens"] > 0
     card = (run_dir / "final" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["base_model"] and "sft" in front["tags"]
+    assert "base_model" not in front and "sft" in front["tags"]  # a local base model has no Hub id
+    assert front["license"] == "other" and front["license_name"] == "base-model-license"
+    assert front["model-index"][0]["results"][0]["metrics"][0]["value"] == metrics["eval_loss"]
     assert len(front["datasets"]) == 1 and front["datasets"][0].endswith("examples/demo/train.jsonl")  # as given
     assert "| 100.0% |" in card  # the one source's row in the sources table
     assert sha256_file(Path("examples/demo/train.jsonl")) in card
@@ -192,3 +194,25 @@ def test_every_line_of_a_real_run_carries_severity_message_and_time(reference_ru
     step = next(line for line in lines if line["event"] == "step")
     assert step["message"].startswith(f"step step={step['step']} max_steps=")
     assert f"loss={step['loss']}" in step["message"]
+
+
+def test_card_metadata_reads_back_through_huggingface_hub() -> None:
+    from huggingface_hub import ModelCard
+
+    from job.config.load import load_config
+    from job.publish.card import render_card
+
+    config = load_config(None, ["data.train=x.jsonl"], environ={})
+    sources = [{"name": "hf://datasets/org/set@v1", "format": "alpaca", "revision": "c0ffee", "examples": 3,
+                "tokens": 30, "token_share": 1.0}]  # fmt: skip
+    common = {"revision": None, "data_files": {}, "sources": sources, "plot": None}
+    hub = ModelCard(render_card(config, base_model="org/base-7b", hub_id="org/base-7b",
+                                metrics={"eval_loss": 1.25}, **common))  # fmt: skip
+    assert (hub.data.base_model, hub.data.license, hub.data.license_name) == ("org/base-7b", "other",
+                                                                              "base-model-license")  # fmt: skip
+    assert hub.data.license_link == "https://huggingface.co/org/base-7b" and hub.data.datasets == ["org/set"]
+    [result] = hub.data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_type) == ("loss", 1.25, "org/set")
+    local = ModelCard(render_card(config, base_model="s3://bucket/models/base/", metrics={}, **common))
+    assert local.data.base_model is None and local.data.eval_results is None  # no Hub id, no eval: none claimed
+    assert "s3://bucket/models/base/" in local.text  # the body still names where the base model came from

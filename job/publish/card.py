@@ -10,10 +10,9 @@ public: the credentials of every URL in it (model source, data files, config) ar
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from job import __version__
 from job.config.load import to_yaml
@@ -59,23 +58,19 @@ def render_card(
     facts: dict[str, Any] | None = None,
     plot: str | None = PLOT_NAME,
     sources: list[dict[str, Any]] | None = None,
+    hub_id: str | None = None,
 ) -> str:
-    """The card's text. `sources`: the mixture summary (`job.data.mixture`), one entry per `data.train` source."""
-    front = {
-        "base_model": base_model,
-        "license": "other",  # placeholder: the base model's license applies; set it before publishing
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["sft", "trl", "full-fine-tune", "sft-job"],
-        "datasets": [dataset_name(source["name"]) for source in sources] if sources else sorted(data_files),
-    }
+    """The card's text. `sources`: the mixture summary (`job.data.mixture`), one entry per `data.train` source;
+    `hub_id`: the base model's Hub id when it came from the Hub (the metadata's `base_model` is a Hub id only)."""
+    datasets = [dataset_name(source["name"]) for source in sources] if sources else sorted(data_files)
+    front = card_metadata(config.run.name, hub_id, datasets, metrics.get("eval_loss"))
     files = "\n".join(f"| `{name}` | `{digest}` |" for name, digest in sorted(data_files.items()))
     mixture = _mixture_table(sources) if sources else ""
     shown = {k: v for k, v in {**metrics, **(facts or {})}.items() if not isinstance(v, (list, dict))}
     curves = f"\n## Training curves\n\n![loss and learning rate]({plot})\n" if plot else ""
     # One pass over the whole text: base_model, data file names and facts can all be URLs.
     return redact_urls(f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
+{front.strip()}
 ---
 
 # {config.run.name}
@@ -104,6 +99,32 @@ max length {config.data.max_length}.
 {to_yaml(config).strip()}
 ```
 """)
+
+
+def card_metadata(name: str, hub_id: str | None, datasets: list[str], eval_loss: Any) -> str:
+    """The YAML front matter, built by huggingface_hub's `ModelCardData` so the Hub reads it as written: the
+    base model's license applies (`other`, named and linked), and the eval loss is a `model-index` result."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    results = None
+    if isinstance(eval_loss, (int, float)) and math.isfinite(eval_loss) and datasets:
+        results = [
+            EvalResult(task_type="text-generation", dataset_type=datasets[0], dataset_name=datasets[0],
+                       metric_type="loss", metric_name="eval loss", metric_value=float(eval_loss))
+        ]  # fmt: skip
+    data = ModelCardData(
+        base_model=hub_id,
+        license="other",
+        license_name="base-model-license",  # a fine-tune is under its base model's license
+        license_link=f"https://huggingface.co/{hub_id}" if hub_id else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["sft", "trl", "full-fine-tune", "sft-job"],
+        datasets=datasets,
+        model_name=name if results else None,
+        eval_results=results,
+    )
+    return data.to_yaml()
 
 
 def dataset_name(source: str) -> str:
