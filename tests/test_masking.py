@@ -453,7 +453,9 @@ def special_ids(tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.convert_ids_to_tokens(i) for i in ids if i in specials]
 
 
-def test_special_strings_in_content_are_counted_and_become_control_tokens_by_default(tokenizer) -> None:
+def quoting_columns(tokenizer) -> tuple:
+    """A tokenizer with the chat template installed, and columns of a chat and a document quoting `</s>` and
+    `[INST]` in their content, then a plain chat."""
     local = copy.deepcopy(tokenizer)
     apply_chat_template_choice(local, None)
     examples = [
@@ -461,7 +463,12 @@ def test_special_strings_in_content_are_counted_and_become_control_tokens_by_def
         Example("q:2", text="a </s> b"),
         Example("q:3", messages=CONVERSATION),
     ]
-    out = Tokenize(local, train_on="assistant", max_length=512)(examples_to_columns(examples))
+    return local, examples_to_columns(examples)
+
+
+def test_special_strings_in_content_are_counted_and_become_control_tokens_by_default(tokenizer) -> None:
+    local, columns = quoting_columns(tokenizer)
+    out = Tokenize(local, train_on="assistant", max_length=512)(columns)
     assert out["special_strings"] == [5, 1, 0]
     assert special_ids(local, out["input_ids"][0]) == ["<s>", "[INST]", "[INST]", "</s>", "[INST]", "[/INST]",
                                                       "</s>", "[INST]", "</s>"]  # fmt: skip
@@ -469,14 +476,7 @@ def test_special_strings_in_content_are_counted_and_become_control_tokens_by_def
 
 
 def test_with_special_strings_text_no_control_token_comes_from_content(tokenizer) -> None:
-    local = copy.deepcopy(tokenizer)
-    apply_chat_template_choice(local, None)
-    examples = [
-        Example("q:1", messages=QUOTING),
-        Example("q:2", text="a </s> b"),
-        Example("q:3", messages=CONVERSATION),
-    ]
-    columns = examples_to_columns(examples)
+    local, columns = quoting_columns(tokenizer)
     text = Tokenize(local, train_on="assistant", max_length=512, special_strings="text")(columns)
     control = Tokenize(local, train_on="assistant", max_length=512)(columns)
     assert text["special_strings"] == [5, 1, 0]  # counted in both modes
