@@ -89,6 +89,13 @@ class ScratchFull(JobError):
     retryable = False
 
 
+class DriverIncompatible(JobError):
+    """The node's NVIDIA driver cannot run the image's CUDA runtime; the message names both versions."""
+
+    exit_code = 71
+    retryable = False
+
+
 class AccessDenied(JobError):
     """Credentials or token rejected (S3 403, Hub 401/403)."""
 
@@ -104,6 +111,7 @@ EXIT_CODES: dict[int, str] = {
     DataError.exit_code: "bad data (the message names file and line)",
     InputNotFound.exit_code: "input not found (dataset, model, bucket)",
     StorageUnavailable.exit_code: "storage unreachable after retries",
+    DriverIncompatible.exit_code: "the node's NVIDIA driver is too old for the image's CUDA runtime (both named)",
     ScratchFull.exit_code: "local scratch disk full or too small (the message names path, free and needed bytes)",
     TrainingFailed.exit_code: "training failed for a reason a retry repeats",
     Preempted.exit_code: "preempted; the newest durable checkpoint is named in the log",
@@ -112,6 +120,17 @@ EXIT_CODES: dict[int, str] = {
 }
 
 FATAL_EXIT_CODES: tuple[int, ...] = tuple(
-    sorted(cls.exit_code for cls in (ConfigError, DataError, InputNotFound, ScratchFull, TrainingFailed, AccessDenied))
+    sorted(
+        cls.exit_code
+        for cls in [
+            ConfigError,
+            DataError,
+            InputNotFound,
+            DriverIncompatible,
+            ScratchFull,
+            TrainingFailed,
+            AccessDenied,
+        ]
+    )
 )
 """Codes a retry would repeat: Kubernetes fails the Job on them, the launcher lets them win over others."""

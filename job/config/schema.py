@@ -25,6 +25,7 @@ SPECIAL_STRINGS_MODES = ("control", "text")
 SOURCE_KEYS = ("path", "format", "weight", "max_examples")
 MIN_RECORD_BYTES = 1024  # below this even a short chat turn is refused
 MAX_RECORD_BYTES = 8 * 1024 * 1024
+HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 @dataclass
@@ -288,12 +289,33 @@ class CheckpointConfig:
     training waits."""
     delete_after_final: bool = True
     """Delete the run's checkpoints once the final model is committed."""
+    scratch_probe_mib: int = 256
+    """MiB written and fsynced to scratch at start to measure its write speed; the log then says how long a
+    checkpoint write will take, and warns when that is too slow for `every_minutes`. 0 skips the probe."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep < 1:
             raise ConfigError("checkpoint.every_steps and checkpoint.keep must be at least 1")
+        if self.scratch_probe_mib < 0:
+            raise ConfigError("checkpoint.scratch_probe_mib must not be negative", hint="0 skips the probe")
         if self.every_minutes <= 0 or self.grace_seconds < 0:
             raise ConfigError("checkpoint.every_minutes must be positive and checkpoint.grace_seconds not negative")
+
+
+@dataclass
+class PublishConfig:
+    hub_repo: str | None = None
+    """`owner/name` of a Hugging Face Hub model repo: once final/ is committed to run.output, it is also pushed
+    there (HF_TOKEN with write access; HF_ENDPOINT for a private Hub). Unset: the store only."""
+    hub_private: bool = True
+    """Create the Hub repo private when it does not exist yet (an existing repo keeps its visibility)."""
+
+    def __post_init__(self) -> None:
+        if self.hub_repo is not None and not HUB_REPO.fullmatch(self.hub_repo):
+            raise ConfigError(
+                f"publish.hub_repo {self.hub_repo!r} is not a Hub model repo id",
+                hint="write it as owner/name (letters, digits, '-', '_', '.'), e.g. my-org/mistral-7b-sft",
+            )
 
 
 @dataclass
@@ -384,6 +406,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -412,6 +435,7 @@ SECTION_TYPES: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
+    "publish": PublishConfig,
     "storage": StorageConfig,
     "distributed": DistributedConfig,
 }
@@ -434,8 +458,9 @@ OWNED_ELSEWHERE: dict[str, str] = {
     "save_steps": "checkpoint.every_steps",
     "save_total_limit": "checkpoint.keep",
     "resume_from_checkpoint": "the job's own resume (it restores the newest committed checkpoint)",
-    "push_to_hub": "run.output (the final model is published there)",
-    "hub_model_id": "run.output",
+    "push_to_hub": "publish.hub_repo (final/ is pushed after it is committed to run.output)",
+    "hub_model_id": "publish.hub_repo",
+    "hub_private_repo": "publish.hub_private",
     "hub_token": "the HF_TOKEN environment variable",
     "logging_dir": "run.output",
     "dataset_kwargs": "data.*",
