@@ -11,7 +11,7 @@ JOB = Path(__file__).resolve().parents[1] / "job"
 LAYERS: list[set[str]] = [
     {"job", "errors", "logs"},
     {"config"},
-    {"storage", "dist", "optim"},
+    {"storage", "dist", "optim", "host"},
     {"durability", "model"},
     {"data", "plan"},
     {"train", "publish"},
