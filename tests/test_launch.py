@@ -45,7 +45,7 @@ def test_the_pods_exit_code_keeps_the_root_cause() -> None:
     assert exit_code_for({0: -6, 1: 1}, {1: 10.0}) == 1  # aborted (e.g. the NCCL watchdog)
     assert exit_code_for({0: 75, 1: 75}, {0: 10.0, 1: 10.0}) == 75  # both stopped at the agreed step
     assert exit_code_for({0: -15, 1: 75}) == 75  # SIGTERM before the rank's handler: preempted too
-    assert set(FATAL_EXIT_CODES) == {64, 65, 66, 70, 74, 77}
+    assert set(FATAL_EXIT_CODES) == {64, 65, 66, 70, 71, 74, 77}
 
 
 def test_ranks_record_when_they_end_for_the_launcher(tmp_path: Path) -> None:
