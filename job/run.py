@@ -1,9 +1,9 @@
 """One start of a run, top to bottom: `train(config)` builds a `TrainingRun` and runs its story.
 
-    join the ranks ─ already complete? exit 0 ─ SIGTERM from here on means 75
+    check the GPU driver (71 if too old) ─ join the ranks ─ already complete? exit 0 ─ SIGTERM from here on means 75
     take the lease (one writer) ─ refuse drift from the config recorded when training first began
     prepare inputs (pull, validate, tokenize: bad data fails before any weights load)
-    plan (refuse what cannot fit) ─ find the resume point (newest verified checkpoint)
+    plan (refuse what cannot fit; scratch room and speed) ─ find the resume point (newest verified checkpoint)
     load the model ─ build the trainer ─ record the config ─ fit (checkpoints upload in the background) ─ evaluate
     publish final/ (MANIFEST.json last) ─ delete checkpoints ─ release the lease
 
@@ -40,6 +40,8 @@ from job.durability.lease import Lease
 from job.durability.preemption import Measurements, PreemptedNow, PreemptionHandler
 from job.durability.scratch import check_free_space, scratch_full, sweep_partials
 from job.errors import ConfigError, JobError, Preempted, TrainingFailed
+from job.host.driver import check_driver
+from job.host.scratch_speed import measure_scratch, scratch_needs
 from job.logs import Heartbeat, get_logger, quiet_unless_main
 from job.model.load import load_model
 from job.plan.memory import plan_job, refuse_if_it_cannot_fit, world_size
@@ -118,11 +120,12 @@ class TrainingRun:
     # ------------------------------------------------------------------ the story
 
     def execute(self) -> dict[str, Any]:
-        self.join_ranks()
-        if self.already_complete("final check"):
-            return {"already_complete": True}
-        self.watch_for_preemption()
         try:
+            check_driver(torch.version.cuda)  # every rank, before torch touches CUDA: 71 if the driver is too old
+            self.join_ranks()
+            if self.already_complete("final check"):
+                return {"already_complete": True}
+            self.watch_for_preemption()
             if not self.take_lease():
                 return {"already_complete": True}
             self.prepare_inputs()
@@ -238,28 +241,24 @@ class TrainingRun:
         self.timings.prepare_seconds = beat.stop()
 
     def plan_run(self) -> None:
-        """Clean a predecessor's leftovers, then refuse (64) what the planner says cannot fit, unless forced."""
+        """Clean a predecessor's leftovers, refuse (64) what the planner says cannot fit unless forced, then
+        (each node's first rank) refuse (74) a scratch without room for it and measure how fast it writes."""
         ranks = self.group.ranks
         clean_leftovers(self.store if ranks.is_main else None, self.work / "trainer" if ranks.is_local_main else None)
         self.plan = plan_job(
             self.config, model_config=self.prepared.source.location, dataset_tokens=self.prepared.train.tokens
         )
         refuse_if_it_cannot_fit(self.plan, self.force)
+        if ranks.is_local_main:  # a Hub model still has to be downloaded to scratch
+            needs = scratch_needs(self.plan["memory_bytes"], download_model=self.prepared.source.is_hub)
+            self.scratch_needed_bytes = needs.total_bytes
+            check_free_space(scratch_dir(self.config), needs.total_bytes, needs.detail)
+            measure_scratch(scratch_dir(self.config), needs.checkpoint_bytes, self.config.checkpoint)
 
     def find_resume_point(self) -> None:
         """Each node's first rank verifies and pulls the newest committed checkpoint; all ranks must agree."""
         found = None
         if self.group.ranks.is_local_main:
-            memory = self.plan["memory_bytes"]
-            # A checkpoint holds the weights and the optimizer states; a Hub model still has to be downloaded.
-            checkpoint = memory["weights"] + memory["optimizer"]
-            model = memory["weights"] if self.prepared.source.is_hub else 0
-            self.scratch_needed_bytes = 3 * checkpoint + model
-            check_free_space(
-                scratch_dir(self.config),
-                self.scratch_needed_bytes,
-                f"3 checkpoints of {checkpoint / 2**30:.1f} GiB + model {model / 2**30:.1f} GiB",
-            )
             found = prepare_resume(self.store, self.work / "resume")
         found = self.group.from_local_main(found, "resume")
         steps = set(self.group.all_gather(found[0] if found else None, "resume step"))
