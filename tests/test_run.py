@@ -216,3 +216,12 @@ def test_card_metadata_reads_back_through_huggingface_hub() -> None:
     local = ModelCard(render_card(config, base_model="s3://bucket/models/base/", metrics={}, **common))
     assert local.data.base_model is None and local.data.eval_results is None  # no Hub id, no eval: none claimed
     assert "s3://bucket/models/base/" in local.text  # the body still names where the base model came from
+
+
+def test_start_checks_scratch_speed_and_skips_the_driver_check_without_a_gpu(reference_run) -> None:
+    result, _ = reference_run
+    speed = result.events("scratch_speed")
+    assert len(speed) == 1 and speed[0]["mib_per_second"] > 0 and speed[0]["checkpoint_write_seconds"] >= 0
+    assert 0 < speed[0]["checkpoint_gib"] < 1 and not result.events("scratch_too_slow")
+    assert not result.events("gpu_driver")  # no libcuda here: a CPU run, skipped quietly
+    print(json.dumps(speed[0]))

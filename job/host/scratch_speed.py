@@ -2,9 +2,10 @@
 
 A checkpoint is written to local scratch first, then uploaded. On a network volume at its baseline
 (gp3: 125 MiB/s) a 58 GB checkpoint takes about 8 minutes to write; local NVMe takes seconds. So at start
-the local main rank writes `checkpoint.scratch_probe_mib` MiB to scratch in 8 MiB chunks, fsyncs once at
-the end (the time counts the flush to the device, not only the page cache), deletes the file, and logs
-`scratch_speed` with the checkpoint write time that speed gives. The probe file is named like every
+the local main rank writes `checkpoint.scratch_probe_mib` MiB (one checkpoint's size where that is smaller:
+a small model's runs stay quick) to scratch in 8 MiB chunks, fsyncs once at the end (the time counts the
+flush to the device, not only the page cache), deletes the file, and logs `scratch_speed` with the
+checkpoint write time that speed gives. The probe file is named like every
 other partial write (`*.partial-<pid>`), so a start killed mid-probe leaves nothing the next start keeps.
 
 `scratch_too_slow` (WARNING) when the write takes longer than the checkpoint settings allow:
@@ -112,11 +113,12 @@ def measure_scratch(scratch: Path, checkpoint_bytes: int, settings: CheckpointCo
     """Probe scratch (unless `scratch_probe_mib` is 0), log `scratch_speed` and warn when it is too slow."""
     if settings.scratch_probe_mib == 0:
         return None
-    speed = probe_write_speed(scratch, settings.scratch_probe_mib)
+    mib = min(settings.scratch_probe_mib, max(-(-checkpoint_bytes // _MIB), CHUNK_BYTES // _MIB))
+    speed = probe_write_speed(scratch, mib)
     write_seconds = checkpoint_bytes / _MIB / speed
     fields = {
         "path": str(scratch),
-        "probe_mib": settings.scratch_probe_mib,
+        "probe_mib": mib,
         "mib_per_second": round(speed, 1),
         "checkpoint_gib": round(checkpoint_bytes / _GIB, 2),
         "checkpoint_write_seconds": round(write_seconds, 1),
