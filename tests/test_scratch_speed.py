@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import errno
-import os
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
+from test_scratch import small_disk
 
 from job.config.schema import CheckpointConfig
 from job.errors import ScratchFull
-from job.host import scratch_speed
 from job.host.scratch_speed import measure_scratch, probe_write_speed, scratch_needs, slow_reasons
 
 GIB = 2**30
@@ -64,19 +62,11 @@ def test_measure_logs_speed_and_the_write_time_and_warns_when_too_slow(tmp_path:
     assert measure_scratch(tmp_path, 1000, CheckpointConfig())["probe_mib"] == 8
 
 
-def test_a_full_disk_during_the_probe_is_scratch_full(tmp_path: Path, monkeypatch) -> None:
-    """ENOSPC cannot be produced on demand here without a tiny filesystem: the write fails as a full disk's does."""
-    real_write = os.write
-
-    def full_after_one_chunk(fd: int, data) -> int:
-        if os.fstat(fd).st_size >= scratch_speed.CHUNK_BYTES:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(scratch_speed.os, "write", full_after_one_chunk)
-    with pytest.raises(ScratchFull) as raised:
-        probe_write_speed(tmp_path, 32)
-    assert raised.value.exit_code == 74
-    assert str(tmp_path) in raised.value.message and f"({32 * 2**20} bytes)" in raised.value.message
-    assert "free (" in raised.value.message and "scratch_probe_mib=0" in raised.value.hint
-    assert list(tmp_path.iterdir()) == []  # the partial probe is gone
+def test_a_full_disk_during_the_probe_is_scratch_full(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", 16) as disk:  # a real 16 MiB filesystem, a 32 MiB probe
+        with pytest.raises(ScratchFull) as raised:
+            probe_write_speed(disk, 32)
+        assert raised.value.exit_code == 74
+        assert str(disk) in raised.value.message and f"({32 * 2**20} bytes)" in raised.value.message
+        assert "free (" in raised.value.message and "scratch_probe_mib=0" in raised.value.hint
+        assert list(disk.iterdir()) == []  # the partial probe is gone
