@@ -130,6 +130,7 @@ def measure_scratch(scratch: Path, checkpoint_bytes: int, settings: CheckpointCo
             "scratch_too_slow",
             **fields,
             reasons=reasons,
-            fix="put run.scratch on local NVMe (docs/deployment.md), or raise checkpoint.every_minutes",
+            fix='put run.scratch on local NVMe (docs/deployment.md "Scratch speed"); or raise '
+            "checkpoint.every_minutes (the interval), checkpoint.grace_seconds where the platform gives that long",
         )
     return {**fields, "too_slow": reasons}
