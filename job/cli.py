@@ -62,8 +62,8 @@ def cli() -> None:
     """sft-job: full-parameter supervised fine-tuning as a preemptible batch job.
 
     Exit codes: 0 done, 64 bad config, 65 bad data, 66 input not found, 69 storage
-    unreachable, 70 training failed (not retryable), 74 scratch disk full, 75 preempted or
-    lease lost (retry), 77 access denied, 1 unexpected.
+    unreachable, 70 training failed (not retryable), 71 GPU driver too old for the image's
+    CUDA, 74 scratch disk full, 75 preempted or lease lost (retry), 77 access denied, 1 unexpected.
     """
 
 
