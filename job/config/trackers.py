@@ -15,7 +15,7 @@ from job.logs import shorten
 AVAILABLE = {
     "tensorboard": ("is_tensorboard_available", "tensorboard"),
     "wandb": ("is_wandb_available", "wandb"),
-    "mlflow": ("is_mlflow_available", "mlflow"),
+    "mlflow": ("is_mlflow_available", "mlflow-skinny"),  # the client; the extra `mlflow` installs it
     "comet_ml": ("is_comet_available", "comet_ml"),
     "clearml": ("is_clearml_available", "clearml"),
     "neptune": ("is_neptune_available", "neptune"),
@@ -57,5 +57,6 @@ def check_trackers(report_to: Any) -> None:
         verb = "is" if len(missing) == 1 else "are"
         raise ConfigError(
             f"train.report_to names {', '.join(missing)}, which {verb} not installed in this environment",
-            hint=f"install it (pip install {packages}), or set train.report_to: none",
+            hint=f"install it (pip install {packages}; the image ships the extras tensorboard, mlflow and wandb), "
+            "or set train.report_to: none",
         )

@@ -100,6 +100,8 @@ def build_sft_config(
         "save_steps": config.checkpoint.every_steps,
         "save_total_limit": None,  # retention is ours: never delete a checkpoint still uploading
         "report_to": "none",
+        # The trackers' run name (W&B, MLflow); their directories and run ids: job/train/trackers.py.
+        "run_name": config.run.name,
         "disable_tqdm": True,
         "eval_strategy": "no",
         "per_device_eval_batch_size": train.per_device_train_batch_size,
