@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test test-fast lint
+.PHONY: demo test test-fast lint image-check
 
 # torch: the CPU build on development and CI machines, from PyTorch's CPU index when it can be reached;
 # otherwise from the configured package index (on PyPI that is the CUDA build: larger, same results on CPU).
@@ -41,3 +41,9 @@ test: lint
 
 test-fast: lint
 	$(PY) -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
+
+# Builds the image with podman from local stand-ins for its base images (Debian bookworm for the CUDA base,
+# uv from PyPI), runs the CPU demo in it as the cluster does (uid 10001, read-only root, scratch volume),
+# checks SIGTERM -> 75 and that a code change rebuilds only the project layer. Needs root; see the script.
+image-check:
+	bash scripts/image-check.sh

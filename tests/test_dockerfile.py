@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+IMAGE_EXTRAS = ("liger", "tensorboard", "mlflow", "wandb")  # liger: model.liger_kernels; the rest: train.report_to
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
@@ -204,6 +205,7 @@ def test_training_stack_installed_from_the_lock_only(parsed):
     assert env["UV_PYTHON_DOWNLOADS"] == "never", "the venv must use the interpreter the runtime stage has"
     runtime_copies = parsed[1][-1].all("COPY")
     assert "--from=builder /opt/venv /opt/venv" in runtime_copies
+    assert all(f"--extra {extra}" in run for run in syncs for extra in IMAGE_EXTRAS), "trackers ship in the image"
 
 
 def test_venv_interpreter_exists_in_runtime(parsed):
@@ -215,6 +217,109 @@ def test_venv_interpreter_exists_in_runtime(parsed):
         installs = " ".join(run for run in stage.all("RUN") if "apt-get install" in run)
         assert re.search(r"\bpython3\b", installs), f"{stage.name} must install {python}"
         assert stage.base == builder.base, "same distribution in both stages: same interpreter path"
+
+
+# ------------------------------------------------------------------ layers: a code change pulls one small layer
+
+
+def runtime_copies(final: Stage) -> list[tuple[int, str]]:
+    return [(i, rest) for i, (kw, rest) in enumerate(final.instructions) if kw == "COPY"]
+
+
+def test_dependencies_are_installed_without_the_project(parsed):
+    """The dependency install sees only pyproject.toml, uv.lock and the layer splitter: job/ is neither
+    copied into the builder nor bind-mounted, so a code change cannot re-run (or change) that step."""
+    _, stages = parsed
+    builder = next(s for s in stages if s.name == "builder")
+    assert not [c for c in builder.all("COPY") if "--from=" not in c], "the builder copies nothing from the context"
+    (sync,) = [run for run in builder.all("RUN") if "uv sync" in run]
+    assert "--no-install-project" in sync
+    binds = re.findall(r"type=bind,source=([^,\s]+)", sync)
+    assert sorted(binds) == ["pyproject.toml", "scripts/layer_sizes.py", "uv.lock"]
+    assert "layer_sizes.py split /opt/venv /layers/cuda" in sync
+    assert not re.search(r"\bjob\b", " ".join(builder.all("RUN") + builder.all("COPY")))
+    secret = re.search(r"type=secret,id=([\w-]+)", sync)
+    assert secret and "required=true" not in sync, "the CA bundle secret is optional and never a layer"
+
+
+def test_dependency_layers_come_before_the_project_layer(final):
+    copies = runtime_copies(final)
+    index = {rest: i for i, rest in copies}
+    cuda = index["--from=builder /layers/cuda/ /opt/venv/"]
+    deps = index["--from=builder /opt/venv /opt/venv"]
+    project = index["job /app/job"]
+    assert cuda < deps < project, "torch + CUDA wheels, then the other dependencies, then the project"
+    assert index["--from=base-model / /models/base/"] < cuda, "a baked model is not re-created by a lock change"
+    assert project == copies[-1][0], "the project is the last layer: nothing below it changes with a commit"
+    after = [kw for kw, _ in final.instructions[project + 1 :]]
+    assert not {"RUN", "COPY", "ADD"} & set(after), "only metadata (USER, ENTRYPOINT, labels) after the project"
+    assert not [rest for _, rest in copies if rest.split()[0] in (".", "./")], "no COPY of the whole context"
+
+
+def test_project_is_importable_without_being_installed(parsed, final):
+    """job/ is not in the venv (that would put it in a dependency layer): a .pth file names /app."""
+    _, stages = parsed
+    builder = next(s for s in stages if s.name == "builder")
+    assert re.search(r"echo /app > \S*\.pth", " ".join(builder.all("RUN")))
+    assert "job /app/job" in final.all("COPY")
+
+
+@pytest.fixture(scope="module")
+def layer_sizes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("layer_sizes", ROOT / "scripts" / "layer_sizes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_group_of_the_layer_splitter(layer_sizes):
+    assert layer_sizes.IMAGE_EXTRAS == IMAGE_EXTRAS, "the estimate counts the extras the Dockerfile installs"
+    for name in ("torch", "triton", "nvidia-cublas", "nvidia-cudnn-cu13", "cuda-bindings"):
+        assert layer_sizes.in_cuda_group(name)
+    for name in ("transformers", "numpy", "tensorboard", "liger-kernel", "torchao"):
+        assert not layer_sizes.in_cuda_group(name)
+
+
+def test_split_moves_a_distribution_with_its_scripts_and_bytecode(tmp_path, layer_sizes):
+    venv, target = tmp_path / "venv", tmp_path / "cuda"
+    site = venv / "lib" / "python3.12" / "site-packages"
+    files = {
+        "torch/__init__.py": "x",
+        "torch/__pycache__/__init__.cpython-312.pyc": "c",  # uv's bytecode: not in RECORD
+        "torch/lib/libtorch.so": "so",
+        "../../../bin/torchrun": "#!",
+        "numpy/__init__.py": "n",
+    }
+    for relative, text in files.items():
+        (site / relative).parent.mkdir(parents=True, exist_ok=True)
+        (site / relative).write_text(text)
+    for dist, members in (("torch-2.13.0", ["torch/__init__.py", "torch/lib/libtorch.so", "../../../bin/torchrun"]),
+                          ("numpy-2.5.5", ["numpy/__init__.py"])):  # fmt: skip
+        (site / f"{dist}.dist-info").mkdir()
+        record = [*members, f"{dist}.dist-info/RECORD"]
+        (site / f"{dist}.dist-info" / "RECORD").write_text("".join(f"{m},,\n" for m in record))
+    assert layer_sizes.split(venv, target) == 5
+    moved = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
+    assert moved == {
+        "lib/python3.12/site-packages/torch/__init__.py",
+        "lib/python3.12/site-packages/torch/__pycache__/__init__.cpython-312.pyc",
+        "lib/python3.12/site-packages/torch/lib/libtorch.so",
+        "lib/python3.12/site-packages/torch-2.13.0.dist-info/RECORD",
+        "bin/torchrun",
+    }
+    assert (site / "numpy" / "__init__.py").exists() and not (site / "torch" / "__init__.py").exists()
+
+
+def test_layer_estimate_from_the_lock(layer_sizes):
+    """The locked wheels for the image's extras: torch + CUDA dominate, the project layer is small."""
+    rows = {name: size for name, size, _ in layer_sizes.estimate(ROOT / "uv.lock", (3, 12), IMAGE_EXTRAS)}
+    cuda = rows["deps: torch + CUDA wheels"]
+    others = rows["deps: everything else"]
+    project = rows["project (job/, entrypoint, examples)"]
+    assert 1500 < cuda < 6000 and 50 < others < cuda / 4, rows
+    assert project < 5, "a code change costs a few MB to pull"
 
 
 # ------------------------------------------------------------------ environment and labels
@@ -347,7 +452,7 @@ def test_dockerignore_keeps_what_the_image_copies(parsed):
                 sources += words[:-1]
         for rest in stage.all("RUN"):
             sources += re.findall(r"type=bind,source=([^,\s]+)", rest)
-    assert {"pyproject.toml", "uv.lock", "README.md", "job", "entrypoint.py", "examples"} <= set(sources)
+    assert {"pyproject.toml", "uv.lock", "scripts/layer_sizes.py", "job", "entrypoint.py", "examples"} <= set(sources)
     for source in sources:
         assert not dockerignore_excludes(source, patterns), f"{source} is copied but .dockerignore drops it"
         assert (ROOT / source).exists(), f"{source} is copied but missing from the repository"
