@@ -3,8 +3,9 @@ scripts/submit-run.sh (dry run, and a full submit/wait against a fake kubectl).
 
 Every rule of the deployment contract is asserted on the rendered objects of every overlay:
 failure policy order and codes, replacement policy, back-off sized to the lease, grace periods
-below what each provider gives, GPU request and 96 GB-class affinity, shm, scratch, security
-context and the absence of literal secrets.
+below what each provider gives, GPU request and 96 GB-class single-GPU affinity with each cloud's
+own labels, requests that fit the target machines (k8s/clouds.yaml) with the checkpoint staging's
+host memory, shm, scratch on local NVMe, security context and the absence of literal secrets.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ pytestmark = pytest.mark.skipif(
 
 OVERLAYS = [
     "base",
+    "overlays/gke",
+    "overlays/eks",
+    "overlays/aks",
     "overlays/rtx-pro-6000",
     "overlays/spot-gke",
     "overlays/spot-eks",
@@ -46,7 +50,7 @@ LEASE_TTL_S = 60
 LEASE_HEARTBEAT_S = 20
 JOB_BACKOFF_FIRST_S = 10
 
-FATAL_EXIT_CODES = [64, 65, 66, 70, 74, 77]
+FATAL_EXIT_CODES = [64, 65, 66, 70, 71, 74, 77]
 PREEMPTED_EXIT_CODE = 75
 RETRYABLE_EXIT_CODES = [1, 69]
 
@@ -59,7 +63,16 @@ MIN_EXIT_MARGIN_S = 5
 RTX_PRO_6000_MIB = 97_887
 H100_80GB_MIB = 81_559
 GPU_MEMORY_KEYS = {"nvidia.com/gpu.memory", "karpenter.k8s.aws/instance-gpu-memory"}
-GKE_96GB_CLASS = {"nvidia-rtx-pro-6000", "nvidia-h200-141gb", "nvidia-b200"}
+GPU_COUNT_KEYS = {"nvidia.com/gpu.count", "karpenter.k8s.aws/instance-gpu-count"}
+GKE_96GB_CLASS = {"nvidia-rtx-pro-6000"}  # GKE's H200/B200 come only as 8-GPU a3/a4 shapes
+KARPENTER_96GB_CLASS = {"rtx-pro-server-6000"}
+GFD_PREFIX = "nvidia.com/"
+
+# The machines the overlays target (allocatable, staging need, labels): k8s/clouds.yaml.
+CLOUDS = yaml.safe_load((K8S / "clouds.yaml").read_text())
+CLOUD_OVERLAYS = CLOUDS["overlays"]
+SHAPES = CLOUDS["shapes"]
+INSTANCE_TYPE = "node.kubernetes.io/instance-type"
 
 
 # ------------------------------------------------------------------ helpers
@@ -178,11 +191,26 @@ def test_pod_failure_policy_rules_in_order(overlay):
     assert fatal["onExitCodes"]["operator"] == "In"
     values = fatal["onExitCodes"]["values"]
     assert values == FATAL_EXIT_CODES, (
-        "FailJob exactly on config, data, not found, training, scratch full, access denied"
+        "FailJob exactly on config, data, not found, training, driver, scratch full, access denied"
     )
     assert values == sorted(set(values)), "the API wants exit codes ascending and unique"
     for code in RETRYABLE_EXIT_CODES:
         assert all(code not in r.get("onExitCodes", {}).get("values", []) for r in rules), f"{code} must be counted"
+
+
+def test_fatal_exit_codes_are_the_jobs():
+    errors = pytest.importorskip("job.errors", reason="the job package defines the exit codes")
+    assert list(errors.FATAL_EXIT_CODES) == FATAL_EXIT_CODES
+    assert errors.DriverIncompatible.exit_code == 71 and not errors.DriverIncompatible.retryable
+
+
+def test_exit_code_lists_in_comments_and_readme_name_71():
+    assert "values: [64, 65, 66, 70, 71, 74, 77]" in (K8S / "base" / "job.yaml").read_text()
+    assert "values: [64, 65, 66, 70, 71, 74, 77]" in (K8S / "multinode" / "jobset.yaml").read_text()
+    readme = (K8S / "README.md").read_text()
+    assert "FailJob on 64, 65, 66, 70, 71, 74, 77" in readme
+    assert "exits 64, 65, 66, 70, 71, 74, 77" in readme
+    assert not re.search(r"\b70, 74\b", readme), "an exit code list without 71"
 
 
 def worst_case_counts_per_crash(ttl_s: int = LEASE_TTL_S, first_backoff_s: int = JOB_BACKOFF_FIRST_S) -> int:
@@ -259,7 +287,23 @@ def _is_96gb_class(expr: dict[str, Any]) -> bool:
         return H100_80GB_MIB <= int(value) < RTX_PRO_6000_MIB
     if expr["key"] == "cloud.google.com/gke-accelerator" and expr["operator"] == "In":
         return set(expr["values"]) <= GKE_96GB_CLASS
+    if expr["key"] == "karpenter.k8s.aws/instance-gpu-name" and expr["operator"] == "In":
+        return set(expr["values"]) <= KARPENTER_96GB_CLASS
+    if expr["key"] == INSTANCE_TYPE and expr["operator"] == "In":
+        return set(expr["values"]) <= set(SHAPES) | set(CLOUDS["multi_gpu_shapes"])
     return False
+
+
+def gpus_per_machine(term: list[dict[str, Any]]) -> set[int]:
+    """The GPU counts a node term admits, from its count labels and its instance types (empty: unbounded)."""
+    counts: list[set[int]] = []
+    for expr in term:
+        if expr["key"] in GPU_COUNT_KEYS and expr["operator"] == "In":
+            counts.append({int(v) for v in expr["values"]})
+        if expr["key"] == INSTANCE_TYPE and expr["operator"] == "In":
+            table = {name: shape["gpus"] for name, shape in SHAPES.items()} | CLOUDS["multi_gpu_shapes"]
+            counts.append({table[v] for v in expr["values"]})
+    return set.intersection(*counts) if counts else set()
 
 
 def node_terms(job: dict[str, Any]) -> list[list[dict[str, Any]]]:
@@ -267,13 +311,117 @@ def node_terms(job: dict[str, Any]) -> list[list[dict[str, Any]]]:
     return [term["matchExpressions"] for term in required["nodeSelectorTerms"]]
 
 
-def test_every_node_term_asks_for_a_96gb_class_gpu(overlay):
+def test_every_node_term_asks_for_one_96gb_class_gpu_on_a_single_gpu_machine(overlay):
     terms = node_terms(the_job(render(overlay)))
     assert terms
     for term in terms:
         assert any(_is_96gb_class(e) for e in term), f"term without a 96 GB-class rule: {term}"
+        assert gpus_per_machine(term) == {1}, f"term that admits multi-GPU machines (p5en, a3...): {term}"
     gfd = [e for term in terms for e in term if e["key"] == "nvidia.com/gpu.memory"]
-    assert gfd and all(e == {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["90000"]} for e in gfd)
+    assert all(e == {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["90000"]} for e in gfd)
+
+
+def test_is_96gb_class_and_gpu_count_reject_what_they_should():
+    assert not _is_96gb_class({"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["80000"]})
+    assert not _is_96gb_class({"key": "cloud.google.com/gke-accelerator", "operator": "In", "values": ["nvidia-l4"]})
+    assert not _is_96gb_class({"key": INSTANCE_TYPE, "operator": "In", "values": ["p5en.48xlarge"]})
+    eight = [{"key": "karpenter.k8s.aws/instance-gpu-count", "operator": "In", "values": ["1", "8"]}]
+    assert gpus_per_machine(eight) == {1, 8}
+    assert gpus_per_machine([{"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["90000"]}]) == set()
+
+
+def test_base_accepts_gfd_or_each_clouds_labels():
+    terms = node_terms(the_job(render("base")))
+    keys = [{e["key"] for e in term} for term in terms]
+    assert any(k <= {"nvidia.com/gpu.memory", "nvidia.com/gpu.count"} for k in keys), "a GFD term"
+    for cloud in ("gke", "eks", "aks"):
+        own = set(CLOUDS["cloud_labels"][cloud])
+        assert any(k <= own and not any(x.startswith(GFD_PREFIX) for x in k) for k in keys), f"no {cloud} term"
+
+
+@pytest.mark.parametrize("overlay", sorted(CLOUD_OVERLAYS))
+def test_cloud_overlays_select_with_their_own_labels_only(overlay):
+    cloud = CLOUD_OVERLAYS[overlay]["cloud"]
+    pod = pod_spec(the_job(render(overlay)))
+    own = set(CLOUDS["cloud_labels"][cloud])
+    for term in node_terms(the_job(render(overlay))):
+        keys = {e["key"] for e in term}
+        assert not any(k.startswith(GFD_PREFIX) for k in keys), f"{overlay}: needs a GPU Feature Discovery label"
+        assert keys <= own, f"{overlay}: labels {keys - own} are not {cloud}'s"
+        for expr in term:
+            if expr["key"] == INSTANCE_TYPE:
+                assert set(expr["values"]) <= set(CLOUD_OVERLAYS[overlay]["shapes"]), "shape not in k8s/clouds.yaml"
+                assert all(SHAPES[v]["cloud"] == cloud for v in expr["values"])
+    assert set(pod.get("nodeSelector", {})) <= own
+
+
+def _cpu(text: str) -> float:
+    return float(text[:-1]) / 1000 if str(text).endswith("m") else float(text)
+
+
+def _fits(resources: dict[str, Any], shape: dict[str, Any]) -> bool:
+    headroom = CLOUDS["daemonset_headroom"]
+    alloc = shape["allocatable"]
+    requests = resources["requests"]
+    return (
+        _cpu(requests["cpu"]) + headroom["cpu"] <= _cpu(alloc["cpu"])
+        and quantity_gib(requests["memory"]) + headroom["memory_gib"] <= quantity_gib(alloc["memory"])
+        and int(requests.get("nvidia.com/gpu", 1)) <= shape["gpus"]
+    )
+
+
+@pytest.mark.parametrize("overlay", sorted(CLOUD_OVERLAYS))
+def test_requests_fit_every_shape_the_overlay_targets(overlay):
+    resources = train_container(the_job(render(overlay)))["resources"]
+    for name in CLOUD_OVERLAYS[overlay]["shapes"]:
+        assert _fits(resources, SHAPES[name]), f"{overlay}: requests do not fit {name}'s allocatable"
+
+
+def test_shapes_too_small_for_the_staging_are_not_targeted_and_do_not_fit(overlay):
+    resources = train_container(the_job(render(overlay)))["resources"]
+    targeted = {
+        v
+        for term in node_terms(the_job(render(overlay)))
+        for e in term
+        if e["key"] == INSTANCE_TYPE
+        for v in e["values"]
+    }
+    for name, shape in SHAPES.items():
+        if "too_small" in shape:
+            assert name not in targeted
+            assert not _fits(resources, shape), f"{name} would be chosen (by Karpenter, say) and stage in chunks"
+        elif overlay in ("base", "overlays/rtx-pro-6000", "overlays/kueue"):
+            assert _fits(resources, shape), f"{overlay}: requests do not fit {name}"
+
+
+def test_memory_holds_the_checkpoint_staging(overlay):
+    staging = CLOUDS["staging"]
+    job = the_job(render(overlay))
+    limit = quantity_gib(train_container(job)["resources"]["limits"]["memory"])
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    shm = quantity_gib(volumes["dshm"]["emptyDir"]["sizeLimit"])
+    assert shm == staging["shm_gib"]
+    assert limit >= staging["state_gib"] + staging["reserve_gib"] + shm
+
+
+def test_staging_figures_are_the_planners():
+    memory = pytest.importorskip("job.plan.memory", reason="the planner holds the staging rule")
+    staging_mod = pytest.importorskip("job.durability.staging")
+    staging = CLOUDS["staging"]
+    limit = quantity_gib(train_container(the_job(render("base")))["resources"]["limits"]["memory"])
+    plan = memory.make_plan(
+        memory.MISTRAL_7B_V03,
+        optimizer="adamw_kahan",
+        gpu_memory_bytes=RTX_PRO_6000_MIB << 20,
+        gpu_name="NVIDIA H200",
+        host_memory_bytes=int((limit - staging["shm_gib"]) * 2**30),
+    )["checkpoint"]
+    assert round(plan["state_bytes"] / 2**30, 1) == staging["state_gib"]
+    assert staging["reserve_gib"] * 2**30 == staging_mod.DEFAULT_RESERVE_BYTES
+    # the pod's limit with a full /dev/shm still stages the whole state; the too-small g7e.2xlarge does not
+    assert plan["staging"]["mode"] == "full"
+    small = quantity_gib(SHAPES["g7e.2xlarge"]["allocatable"]["memory"])
+    assert memory.checkpoint_staging(plan["state_bytes"], int(small * 2**30))["staging"]["mode"] == "chunked"
 
 
 def test_tolerates_the_gpu_taint(overlay):
@@ -309,9 +457,28 @@ def test_spot_overlays_select_spot_nodes_and_tolerate_their_taints():
     ]
     for term in node_terms(the_job(render("overlays/spot-eks"))):
         assert any(rule in term for rule in spot_rules), f"EKS term that could land on on-demand: {term}"
+    for spot, on_demand in (("overlays/spot-gke", "overlays/gke"), ("overlays/spot-aks", "overlays/aks")):
+        assert node_terms(the_job(render(spot))) == node_terms(the_job(render(on_demand))), "same machines, spot"
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/rtx-pro-6000", "overlays/kueue"])
+def test_on_demand_eks_stays_off_spot():
+    on_demand = [
+        {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]},
+        {"key": "eks.amazonaws.com/capacityType", "operator": "In", "values": ["ON_DEMAND"]},
+    ]
+    for term in node_terms(the_job(render("overlays/eks"))):
+        assert any(rule in term for rule in on_demand), f"EKS term that could land on spot: {term}"
+
+
+def test_gke_scratch_nodes_have_local_ssd_ephemeral_storage():
+    for overlay in ("overlays/gke", "overlays/spot-gke"):
+        (term,) = node_terms(the_job(render(overlay)))
+        assert {"key": "cloud.google.com/gke-ephemeral-storage-local-ssd", "operator": "In", "values": ["true"]} in term
+
+
+@pytest.mark.parametrize(
+    "overlay", ["base", "overlays/gke", "overlays/eks", "overlays/aks", "overlays/rtx-pro-6000", "overlays/kueue"]
+)
 def test_non_spot_overlays_do_not_ask_for_spot(overlay):
     job_text = yaml.safe_dump(the_job(render(overlay))).lower()
     assert "spot" not in job_text
@@ -345,12 +512,19 @@ def test_shm_scratch_tmp_and_config_mounts(overlay):
     env = literal_env(container)
     scratch_path = env["SFT_RUN__SCRATCH"]
     scratch = volumes[mounts[scratch_path]["name"]]
-    claim = scratch["ephemeral"]["volumeClaimTemplate"]["spec"]
-    assert quantity_gib(claim["resources"]["requests"]["storage"]) >= 250
-    assert claim["accessModes"] == ["ReadWriteOnce"]
+    tmp = volumes[mounts["/tmp"]["name"]]["emptyDir"]
+    requests = container["resources"]["requests"]
+    if overlay in CLOUD_OVERLAYS:  # local NVMe: the node's ephemeral storage, requested so the pod lands on room
+        assert set(scratch) == {"name", "emptyDir"}, "a cloud overlay's scratch is an emptyDir on local disk"
+        assert "medium" not in scratch["emptyDir"]
+        size = quantity_gib(scratch["emptyDir"]["sizeLimit"])
+        assert size >= 250
+        assert quantity_gib(requests["ephemeral-storage"]) >= size + quantity_gib(tmp["sizeLimit"])
+    else:  # the fallback: a generic ephemeral PVC of the default StorageClass
+        claim = scratch["ephemeral"]["volumeClaimTemplate"]["spec"]
+        assert quantity_gib(claim["resources"]["requests"]["storage"]) >= 250
+        assert claim["accessModes"] == ["ReadWriteOnce"]
     assert not mounts[scratch_path].get("readOnly", False)
-
-    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
 
     config_path, _ = config_file(docs, job)
     (config_mount,) = [m for p, m in mounts.items() if config_path.startswith(p + "/")]
@@ -617,3 +791,47 @@ def test_submit_no_wait_returns_after_creating(fake_kubectl):
     assert proc.returncode == 0, proc.stderr
     assert state["created"]
     assert not [c for c in state["calls"] if "logs" in c]
+
+
+# ------------------------------------------------------------------ k8s/clusters, k8s/clouds.yaml
+
+
+def test_karpenter_example_puts_kubelet_storage_on_the_instance_store():
+    folder = K8S / "clusters" / "eks-karpenter"
+    docs = [d for path in sorted(folder.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    (node_class,) = [d for d in docs if d["kind"] == "EC2NodeClass"]
+    (pool,) = [d for d in docs if d["kind"] == "NodePool"]
+    assert node_class["apiVersion"] == "karpenter.k8s.aws/v1" and pool["apiVersion"] == "karpenter.sh/v1"
+    assert node_class["spec"]["instanceStorePolicy"] == "RAID0"
+    assert [t["alias"].split("@")[0] for t in node_class["spec"]["amiSelectorTerms"]] == ["al2023"]
+    template = pool["spec"]["template"]["spec"]
+    assert template["nodeClassRef"] == {
+        "group": "karpenter.k8s.aws",
+        "kind": "EC2NodeClass",
+        "name": node_class["metadata"]["name"],
+    }
+    requirements = {r["key"]: r for r in template["requirements"]}
+    assert requirements["karpenter.k8s.aws/instance-gpu-count"]["values"] == ["1"]
+    assert requirements["karpenter.k8s.aws/instance-family"]["values"] == ["g7e"]
+    assert {"on-demand", "spot"} == set(requirements["karpenter.sh/capacity-type"]["values"])
+    assert {"key": "nvidia.com/gpu", "effect": "NoSchedule"} in template["taints"]
+    assert pool["spec"]["disruption"]["consolidationPolicy"] == "WhenEmpty", "never consolidate a running node"
+    # every size the pool may launch is in clouds.yaml, and the smallest one the requests fit is what it picks
+    eks_shapes = {n for n, s in SHAPES.items() if s["cloud"] == "eks"}
+    assert all(n.startswith("g7e.") for n in eks_shapes)
+    resources = train_container(the_job(render("overlays/eks")))["resources"]
+    fitting = sorted((s["vcpu"], n) for n, s in SHAPES.items() if s["cloud"] == "eks" and _fits(resources, s))
+    assert fitting[0][1] == "g7e.4xlarge"
+
+
+def test_clouds_table_is_consistent_and_in_the_readme():
+    readme = (K8S / "README.md").read_text()
+    assert set(CLOUD_OVERLAYS) <= set(OVERLAYS)
+    for name, shape in SHAPES.items():
+        assert shape["allocatable"]["source"] in {"observed", "computed"}
+        assert _cpu(shape["allocatable"]["cpu"]) < shape["vcpu"]
+        assert quantity_gib(shape["allocatable"]["memory"]) < shape["memory_gib"]
+        assert name in readme, f"{name} missing from k8s/README.md's table"
+    for overlay, entry in CLOUD_OVERLAYS.items():
+        assert entry["shapes"] and all(SHAPES[s]["cloud"] == entry["cloud"] for s in entry["shapes"])
+        assert f"`{overlay.split('/')[-1]}`" in readme

@@ -471,11 +471,17 @@ def test_security_context_is_the_single_jobs():
     assert all("hostPath" not in v for v in pod["volumes"])
 
 
-def test_scheduling_is_the_single_jobs():
+def test_scheduling_is_the_single_jobs_for_g_gpu_machines():
     job, base = child_job(), single_job()
     pod, base_pod = single.pod_spec(job), single.pod_spec(base)
-    assert pod["affinity"]["nodeAffinity"] == base_pod["affinity"]["nodeAffinity"], "96 GB-class GPUs only"
-    assert single.node_terms(job) and all(any(single._is_96gb_class(e) for e in t) for t in single.node_terms(job))
+    nproc = int(pod_env()["SFT_DISTRIBUTED__NPROC_PER_NODE"])
+    terms = single.node_terms(job)
+    # the same kinds of term as the single Job (GFD, GKE, Karpenter, EKS and AKS instance types) ...
+    assert [{e["key"] for e in t} for t in terms] == [{e["key"] for e in t} for t in single.node_terms(base)]
+    for term in terms:
+        assert any(single._is_96gb_class(e) for e in term), f"term without a 96 GB-class rule: {term}"
+        # ... each admitting only machines with exactly G GPUs (G = NPROC_PER_NODE)
+        assert single.gpus_per_machine(term) == {nproc}, f"term for machines without {nproc} GPUs: {term}"
     assert pod["tolerations"] == base_pod["tolerations"]
     annotations = job["spec"]["template"]["metadata"]["annotations"]
     for key, value in base["spec"]["template"]["metadata"]["annotations"].items():
