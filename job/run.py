@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
-import yaml
 
-from job.config.drift import config_drift, keep_recorded_split
-from job.config.load import redacted, to_yaml
+from job.config.load import to_yaml
 from job.config.schema import JobConfig, scratch_dir
 from job.data.prepare import Prepared, prepare
 from job.dist.group import Group
@@ -38,14 +36,16 @@ from job.durability.checkpoints import (
 )
 from job.durability.lease import Lease
 from job.durability.preemption import Measurements, PreemptedNow, PreemptionHandler
+from job.durability.recorded_config import RESOLVED_CONFIG, check_config_drift
 from job.durability.scratch import check_free_space, scratch_full, sweep_partials
-from job.errors import ConfigError, JobError, Preempted, TrainingFailed
+from job.errors import JobError, Preempted, TrainingFailed
 from job.host.driver import check_driver
 from job.host.scratch_speed import measure_scratch, scratch_needs
 from job.logs import Heartbeat, get_logger, quiet_unless_main
 from job.model.load import load_model
 from job.plan.memory import plan_job, refuse_if_it_cannot_fit, world_size
 from job.publish.export import FINAL_PREFIX, publish_final, stage_final
+from job.publish.hub_push import check_hub_push, hub_push_pending, push_final_to_hub
 from job.publish.metrics import MetricsLog, Timings, read_step_metrics
 from job.publish.status import record_failure
 from job.storage import AlreadyExists, Store, open_store
@@ -59,7 +59,6 @@ if TYPE_CHECKING:  # the trainer's modules import TRL: loaded only once training
 
 log = get_logger(__name__)
 
-RESOLVED_CONFIG = "config.resolved.yaml"
 STARTS_PREFIX = "logs/starts"
 """One object per start of the run: starts - 1 = preemptions (and crashes) survived."""
 
@@ -122,12 +121,13 @@ class TrainingRun:
     def execute(self) -> dict[str, Any]:
         try:
             check_driver(torch.version.cuda)  # every rank, before torch touches CUDA: 71 if the driver is too old
+            check_hub_push(self.config)  # 64 now, not after hours of training, when the push cannot happen
             self.join_ranks()
             if self.already_complete("final check"):
-                return {"already_complete": True}
+                return self.push_to_hub(None)
             self.watch_for_preemption()
             if not self.take_lease():
-                return {"already_complete": True}
+                return self.push_to_hub(None)
             self.prepare_inputs()
             self.plan_run()
             self.find_resume_point()
@@ -137,6 +137,7 @@ class TrainingRun:
             metrics = self.evaluate()
             self.publish(metrics)
             self.delete_checkpoints(metrics)
+            self.push_to_hub(self.work / "final-staging")
             return metrics
         except PreemptedNow:
             self.stop_preempted()
@@ -184,32 +185,9 @@ class TrainingRun:
         if self.already_complete("lease"):  # a predecessor may have finished while we waited for its lease
             return False
         if self.group.ranks.is_main:
-            self.check_config_drift()
+            check_config_drift(self.store, self.config, allow_change=self.allow_config_change)
         self.holding_lease = True
         return True
-
-    def check_config_drift(self) -> None:
-        """Refuse (64) a restart that would train something else than the config recorded when training began."""
-        text = to_yaml(self.config)
-        log.info("config_resolved", config=redacted(self.config.to_dict()))
-        if self.store.stat(RESOLVED_CONFIG) is None:
-            return  # nothing trained yet: a start that failed earlier (bad path, bad data) binds nothing
-        recorded = yaml.safe_load(self.store.read_bytes(RESOLVED_CONFIG))
-        if kept := keep_recorded_split(self.config, recorded):  # another GPU could plan another split
-            log.info("batch_split_kept", **kept)
-            text = to_yaml(self.config)
-        changes = config_drift(recorded, yaml.safe_load(text))
-        if not changes:
-            return
-        if not self.allow_config_change:
-            raise ConfigError(
-                "this run was started with a different config:\n  " + "\n  ".join(changes),
-                hint="restore those values, use a new run.name, or pass --allow-config-change",
-            )
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        body = yaml.safe_dump({"changes": changes}).encode() + text.encode()
-        self.store.write_bytes(f"config-changes/{stamp}.yaml", body)
-        log.warning("config_changed_allowed", changes=changes)
 
     def record_start(self) -> None:
         """Rank 0, as training begins: the first such start records its config as the run's; every one leaves
@@ -451,6 +429,13 @@ class TrainingRun:
             log.info("checkpoints_deleted_after_final", count=len(keys))
         summary = {k: v for k, v in metrics.items() if k != "loss_per_step"}
         log.info("run_finished", metrics=summary, timings=asdict(self.timings))
+
+    def push_to_hub(self, staged: Path | None) -> dict[str, Any]:
+        """Rank 0, after the store commit (the store stays the source of truth): push final/ to publish.hub_repo
+        unless reports/hub-push.json says it was; `staged` None pulls it from the store (a run complete earlier)."""
+        if self.group.ranks.is_main and hub_push_pending(self.config, self.store):
+            push_final_to_hub(self.config, self.store, staged, scratch_dir(self.config), fence=self.fence)
+        return {"already_complete": True}
 
     def stop_preempted(self) -> NoReturn:
         """Wait for in-flight uploads while the grace budget lasts, then raise Preempted (75) naming the

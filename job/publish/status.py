@@ -18,13 +18,13 @@ from typing import Any
 from job.config.convert import load_yaml
 from job.durability.checkpoints import checkpoint_prefix, stored_checkpoints
 from job.durability.lease import LEASE_KEY, LeaseRecord, read_record
+from job.durability.recorded_config import RESOLVED_CONFIG
 from job.errors import InputNotFound
 from job.logs import sanitize, shorten
 from job.publish.export import FINAL_PREFIX
 from job.publish.metrics import read_step_metrics
 from job.storage import Store
 
-RESOLVED_CONFIG = "config.resolved.yaml"
 FAILURE_KEY = "reports/failure.json"
 
 
