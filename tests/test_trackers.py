@@ -103,12 +103,11 @@ def test_tensorboard_and_mlflow_files_reach_the_store_and_a_restart_continues_th
 
     first = tmp_path / "scratch-1" / "runs" / "tracked"
     train_once(config, tiny_model_dir, first, store)
-    local_events = sorted((first / "trackers" / "tensorboard").glob("events.out.tfevents.*"))
-    assert len(local_events) == 1
+    (local_events,) = (first / "trackers" / "tensorboard").glob("*/events.out.tfevents.*")  # <start>/events...
     pushed = store.root / TENSORBOARD_PREFIX
-    assert sorted(digests(pushed)) == [local_events[0].name]
-    assert digests(pushed)[local_events[0].name] == hashlib.sha256(local_events[0].read_bytes()).hexdigest()
-    events = EventAccumulator(str(pushed))
+    relative = local_events.relative_to(first / "trackers" / "tensorboard").as_posix()
+    assert digests(pushed) == {relative: hashlib.sha256(local_events.read_bytes()).hexdigest()}
+    events = EventAccumulator(str(pushed / local_events.parent.name))
     events.Reload()
     assert [s.step for s in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert all(s.value > 0 for s in events.Scalars("train/loss"))
@@ -126,7 +125,9 @@ def test_tensorboard_and_mlflow_files_reach_the_store_and_a_restart_continues_th
     train_once(config, tiny_model_dir, second, store)
     now = digests(pushed)
     assert {k: now[k] for k in first_pushed} == first_pushed  # the first start's event file untouched
-    assert len(now) == 2 and len(list((second / "trackers" / "tensorboard").glob("events.*"))) == 1
+    (added,) = set(now) - set(first_pushed)  # a run of its own in TensorBoard: another <start>/ directory
+    assert added.split("/")[0] != relative.split("/")[0]
+    assert list((second / "trackers" / "tensorboard").glob("*/events.*")) == [second / "trackers/tensorboard" / added]
     (again,) = client.search_runs([experiment.experiment_id])  # restored from the store, then continued
     assert again.info.run_id == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4] * 2

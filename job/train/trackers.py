@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,13 @@ def configure_trackers(
     pushes: list[PushedDir] = []
     facts: dict[str, Any] = {"trackers": trackers}
     if "tensorboard" in trackers:
-        tensorboard = _default_dir("TENSORBOARD_LOGGING_DIR", root / "tensorboard")
+        # One TensorBoard run per start: a resumed start logs again the steps after its checkpoint, which
+        # TensorBoard would draw over the earlier start's in one run (it purges such steps only for TF's own logs).
+        now = time.time()
+        start = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+        tensorboard = _default_dir("TENSORBOARD_LOGGING_DIR", root / "tensorboard" / start)
         facts["tensorboard_dir"] = str(tensorboard)
-        pushes.append(PushedDir(tensorboard, TENSORBOARD_PREFIX, replace=False))
+        pushes.append(PushedDir(tensorboard, f"{TENSORBOARD_PREFIX}/{start}", replace=False))
     if "wandb" in trackers:
         for variable, sub in WANDB_DIRS.items():
             _default_dir(variable, root / "wandb" / sub)
