@@ -11,10 +11,16 @@
 # ConfigMap is owned by the Job, so both go when the Job's ttlSecondsAfterFinished expires.
 # Needs kubectl (>= 1.27) with a context that may create ConfigMaps and Jobs and read pods/logs.
 #
-# Exit status: 0 the run completed (prints where the final model is); the job's own exit code
-# when the Job failed on it (64 config, 65 data, 66 input not found, 69 storage, 70 training,
-# 77 access denied, 1 unexpected); 1 for any other failure (deadline, backoff limit without a
-# known code); 2 usage; 124 when --timeout expired first (the Job keeps running).
+# stdout carries key=value lines (for $GITHUB_OUTPUT or a dotenv report) and, when waiting, the
+# run's logs: run-name=<name> and run-uri=<run.output>/<name> once the Job is created, then
+# final-output=<run.output>/<name>/final/ and a "Final model:" line when it completed. The Job is
+# annotated sft-job/run-uri=<run.output>/<name>; examples/ci/poll_runs.py reads the run's status there.
+#
+# Exit status: 0 the run completed (prints where the final model is), or was submitted (--no-wait);
+# the job's own exit code when the Job failed on it (64 config, 65 data, 66 input not found,
+# 69 storage, 70 training, 71 driver too old, 74 scratch full, 77 access denied, 1 unexpected);
+# 1 for any other failure (deadline, backoff limit without a known code); 2 usage; 124 when
+# --timeout expired first (the Job keeps running).
 set -euo pipefail
 
 KUBECTL=${KUBECTL:-kubectl}
@@ -24,7 +30,7 @@ config="" overlay="${SFT_OVERLAY:-$REPO_ROOT/k8s/overlays/rtx-pro-6000}" image="
 namespace="${SFT_NAMESPACE:-}" name="" output="" timeout=0 wait=1 dry_run=0 poll=${SFT_POLL_SECONDS:-10}
 sets=()
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 die() { echo "submit-run: $*" >&2; exit 2; }
 log() { echo "submit-run: $*" >&2; }
 
@@ -74,10 +80,22 @@ for item in "${sets[@]+"${sets[@]}"}"; do
   key=${item%%=*}; value=${item#*=}
   [[ "$item" == *=* && "$key" =~ ^[A-Za-z_]+\.[A-Za-z0-9_]+$ ]] || die "--set $item is not section.key=value"
   section=${key%%.*}; field=${key#*.}
+  [[ "$key" != run.output || -n "$output" ]] || output=$value
   env_items+=("SFT_${section^^}__${field^^}=$value")
 done
 
 # ------------------------------------------------------------------ render
+# Where the final model will be: --output, else run.output from the config file.
+if [[ -z "$output" ]]; then
+  output=$(awk '
+    /^[^[:space:]#]/ { in_run = ($0 ~ /^run:[[:space:]]*(#.*)?$/) }
+    in_run && /^[[:space:]]+output:/ {
+      sub(/^[[:space:]]+output:[[:space:]]*/, ""); sub(/[[:space:]]+#.*$/, ""); gsub(/^["'\'']|["'\'']$/, ""); print; exit
+    }' "$config")
+fi
+final_location="${output:-<run.output>}"; final_location="${final_location%/}/$name/final/"
+run_uri=""
+[[ -z "$output" ]] || run_uri="${output%/}/$name"
 work=$(mktemp -d "${TMPDIR:-/tmp}/sft-submit.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 cp "$config" "$work/job.yaml"
@@ -108,6 +126,10 @@ overlay_abs=$(cd "$overlay" && pwd)
   echo "      kind: Job"
   echo "      metadata:"
   echo "        name: sft-job"
+  if [[ -n "$run_uri" ]]; then
+    echo "        annotations:"
+    echo "          sft-job/run-uri: $(json_str "$run_uri")"
+  fi
   echo "      spec:"
   echo "        template:"
   echo "          spec:"
@@ -129,16 +151,6 @@ overlay_abs=$(cd "$overlay" && pwd)
 
 "$KUBECTL" kustomize "$work" > "$work/rendered.yaml"
 
-# Where the final model will be: --output, else run.output from the config file.
-if [[ -z "$output" ]]; then
-  output=$(awk '
-    /^[^[:space:]#]/ { in_run = ($0 ~ /^run:[[:space:]]*(#.*)?$/) }
-    in_run && /^[[:space:]]+output:/ {
-      sub(/^[[:space:]]+output:[[:space:]]*/, ""); sub(/[[:space:]]+#.*$/, ""); gsub(/^["'\'']|["'\'']$/, ""); print; exit
-    }' "$config")
-fi
-final_location="${output:-<run.output>}"; final_location="${final_location%/}/$name/final/"
-
 if [[ "$dry_run" == 1 ]]; then
   cat "$work/rendered.yaml"
   log "dry run: job/$name not created; its final model would be at $final_location"
@@ -158,6 +170,7 @@ if [[ -n "$uid" && -n "$cm" ]]; then
 fi
 log "submitted job/$name${namespace:+ in namespace $namespace}; final model: $final_location"
 echo "run-name=$name"
+[[ -z "$run_uri" ]] || echo "run-uri=$run_uri"
 [[ "$wait" == 1 ]] || exit 0
 trap 'rm -rf "$work"; log "interrupted: job/$name keeps running (kubectl delete job $name to stop it)"; exit 130' INT TERM
 
@@ -228,6 +241,8 @@ case "$code" in
   66) meaning="input not found (dataset, model, bucket)" ;;
   69) meaning="storage unreachable after retries" ;;
   70) meaning="training failed (non-finite loss or CUDA out of memory)" ;;
+  71) meaning="the node's NVIDIA driver is too old for the image's CUDA runtime" ;;
+  74) meaning="local scratch disk full or too small" ;;
   77) meaning="access denied (storage credentials or Hub token)" ;;
   1) meaning="unexpected error (traceback in the log)" ;;
   *) meaning="" ;;
@@ -236,6 +251,6 @@ log "job/$name failed: ${reason:-unknown reason}${message:+: $message}"
 [[ -z "$code" ]] || log "last exit code $code${meaning:+: $meaning}"
 log "checkpoints, if any, stay under ${output:-<run.output>}/$name/; rerun with --name $name to resume"
 case "$code" in
-  64|65|66|69|70|77) exit "$code" ;;
+  64|65|66|69|70|71|74|77) exit "$code" ;;
   *) exit 1 ;;
 esac
