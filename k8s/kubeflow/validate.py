@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import sys
 from collections.abc import Iterable
@@ -80,15 +81,13 @@ def load_documents(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def _k8s_definitions() -> dict[str, Any] | None:
-    try:
-        import importlib.resources
-
-        import kubernetes_validate  # noqa: F401 (only its schema files are used)
-    except ImportError:
+    """kubernetes-validate's strict definitions, found without importing the package (only its data is used)."""
+    spec = importlib.util.find_spec("kubernetes_validate")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    root = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
-    with importlib.resources.as_file(root / f"v{K8S_VERSION}-local-strict" / "_definitions.json") as path:
-        return json.loads(path.read_text())
+    root = Path(next(iter(spec.submodule_search_locations))) / "kubernetes-json-schema"
+    path = root / f"v{K8S_VERSION}-local-strict" / "_definitions.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _registry(definitions: dict[str, Any] | None) -> Any:
