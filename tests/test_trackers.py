@@ -61,7 +61,8 @@ def digests(root: Path) -> dict[str, str]:
 
 
 def train_once(config, model_dir: Path, work: Path, store: LocalStore) -> None:
-    """One start: configure the trackers, then a real JobTrainer for `train.max_steps` steps."""
+    """One start as job/run.py makes it: configure the trackers, a real JobTrainer for `train.max_steps` steps,
+    then the final evaluation (logged after training has ended)."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM
@@ -77,10 +78,12 @@ def train_once(config, model_dir: Path, work: Path, store: LocalStore) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = load_tokenizer(ModelSource(str(model_dir), "local", None), config.model)
     fast = choose_fast_path(config, detect_device("cpu"))
+    evaluation = dataset.select(range(4))
     trainer, _ = build_trainer(
-        config, model, tokenizer, dataset, None, work / "trainer", fast, extra_callbacks=callbacks
+        config, model, tokenizer, dataset, evaluation, work / "trainer", fast, extra_callbacks=callbacks
     )
     trainer.train()
+    trainer.evaluate()
 
 
 def test_tensorboard_and_mlflow_files_reach_the_store_and_a_restart_continues_the_same_runs(
@@ -103,14 +106,14 @@ def test_tensorboard_and_mlflow_files_reach_the_store_and_a_restart_continues_th
 
     first = tmp_path / "scratch-1" / "runs" / "tracked"
     train_once(config, tiny_model_dir, first, store)
-    (local_events,) = (first / "trackers" / "tensorboard").glob("*/events.out.tfevents.*")  # <start>/events...
     pushed = store.root / TENSORBOARD_PREFIX
-    relative = local_events.relative_to(first / "trackers" / "tensorboard").as_posix()
-    assert digests(pushed) == {relative: hashlib.sha256(local_events.read_bytes()).hexdigest()}
-    events = EventAccumulator(str(pushed / local_events.parent.name))
+    (start_dir,) = (first / "trackers" / "tensorboard").iterdir()  # one TensorBoard run per start: <start>/
+    assert digests(pushed) == {f"{start_dir.name}/{name}": digest for name, digest in digests(start_dir).items()}
+    assert len(digests(start_dir)) == 2  # training's event file, and the one the final evaluation's line opened
+    events = EventAccumulator(str(pushed / start_dir.name))
     events.Reload()
     assert [s.step for s in events.Scalars("train/loss")] == [1, 2, 3, 4]
-    assert all(s.value > 0 for s in events.Scalars("train/loss"))
+    assert all(s.value > 0 for s in events.Scalars("train/loss")) and len(events.Scalars("eval/loss")) == 1
     first_pushed = digests(pushed)
 
     complete_file_store(store.root / MLFLOW_PREFIX)  # as a restore does: the store keeps no empty directories
@@ -119,18 +122,19 @@ def test_tensorboard_and_mlflow_files_reach_the_store_and_a_restart_continues_th
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "tracked" and run.data.tags[RUN_ID_TAG] == tracker_run_id(store.uri, "tracked")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert len(client.get_metric_history(run.info.run_id, "eval_loss")) == 1  # not in a run of its own
 
     fresh_env()
     second = tmp_path / "scratch-2" / "runs" / "tracked"
     train_once(config, tiny_model_dir, second, store)
     now = digests(pushed)
     assert {k: now[k] for k in first_pushed} == first_pushed  # the first start's event file untouched
-    (added,) = set(now) - set(first_pushed)  # a run of its own in TensorBoard: another <start>/ directory
-    assert added.split("/")[0] != relative.split("/")[0]
-    assert list((second / "trackers" / "tensorboard").glob("*/events.*")) == [second / "trackers/tensorboard" / added]
+    added = {key.split("/")[0] for key in set(now) - set(first_pushed)}  # another <start>/ directory
+    assert added == {p.name for p in (second / "trackers" / "tensorboard").iterdir()} != {start_dir.name}
     (again,) = client.search_runs([experiment.experiment_id])  # restored from the store, then continued
     assert again.info.run_id == run.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4] * 2
+    assert len(client.get_metric_history(run.info.run_id, "eval_loss")) == 2
     assert list(cwd.iterdir()) == []
 
 
@@ -175,7 +179,8 @@ def test_mlflow_same_run_name_one_run_another_name_another_run(tmp_path: Path, f
     server = tmp_path / "server"  # a user's tracking URI: a store the job does not own, so nothing to push
     os.environ["MLFLOW_TRACKING_URI"] = server.as_uri()
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    assert start("c", 1, work / "c") == []
+    (callback,) = start("c", 1, work / "c")
+    assert callback.dirs == [] and callback.mlflow_run_id
     assert sorted(runs(server)) == ["c"] and not (work / "c" / "trackers" / "mlruns").exists()
 
 
@@ -210,7 +215,7 @@ def test_wandb_offline_keeps_its_id_across_starts_and_writes_under_scratch(
         wandb.teardown()
     assert ids[0] == ids[1] == tracker_run_id(store.uri, "w.run") and ids[0].startswith("w-run-")
     runs = sorted((work / "trackers" / "wandb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(ids[0]) for r in runs)
+    assert len(runs) == 2 and all(f"-{ids[0]}" in r.name for r in runs)  # a "-1" follows within one second
     configure_trackers(job_config("w.run2", "wandb"), work, store)
     assert os.environ["WANDB_RUN_ID"] != ids[0]
     assert list(cwd.iterdir()) == []
@@ -228,6 +233,8 @@ def test_push_never_overwrites_an_earlier_starts_file_and_never_raises(tmp_path:
     assert push.push("checkpoint") == 1
     (local / "events.2").write_bytes(b"start 2, step 4")
     assert push.push("end") == 1 and push.push("end") == 0
+    os.utime(local / "events.2", ns=(1, 1))  # rewritten with the same bytes (MLflow's params on each start)
+    assert push.push("end") == 0
     assert store.read_bytes(f"{TENSORBOARD_PREFIX}/events.1") == b"start 1"
     assert store.read_bytes(f"{TENSORBOARD_PREFIX}/events.2") == b"start 2, step 4"
 

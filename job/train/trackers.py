@@ -38,6 +38,8 @@ DEFAULT_PROJECT = "sft-job"
 RUN_ID_TAG = "sft_job.run_id"
 """MLflow tag holding `tracker_run_id`: how a restart finds the run an earlier start created."""
 CONFIGURED = ("tensorboard", "mlflow", "wandb")
+SMALL_FILE = 64 * 1024
+"""Files up to this size are compared by content before a push (MLflow rewrites its params on every start)."""
 
 WANDB_DIRS = {
     "WANDB_DIR": "",  # the run directories: <dir>/wandb/run-... (offline-run-... in offline mode)
@@ -118,7 +120,8 @@ def configure_trackers(
     if not is_main:
         return []
     log.info("trackers_configured", **facts)
-    return [PushTrackerFiles(store, pushes)] if pushes else []
+    mlflow_run_id = facts.get("mlflow_run_id")
+    return [PushTrackerFiles(store, pushes, mlflow_run_id=mlflow_run_id)] if pushes or mlflow_run_id else []
 
 
 def _default_dir(variable: str, default: Path) -> Path:
@@ -206,14 +209,20 @@ class PushedDir:
 
 
 class PushTrackerFiles(TrainerCallback):
-    """Rank 0: uploads new and changed files of the trackers' local directories at each checkpoint and at the
-    end. An error is logged, never raised: a tracker must not stop training."""
+    """Rank 0: uploads new and changed files of the trackers' local directories at each checkpoint, at the end
+    of training and after the final evaluation (which the run logs once training has ended). An error is
+    logged, never raised: a tracker must not stop training.
 
-    def __init__(self, store: Store, dirs: Iterable[PushedDir]) -> None:
+    With `mlflow_run_id`, the final evaluation's metrics go to that MLflow run too: transformers' callback has
+    ended it at the end of training, and MLflow would start an unnamed run for metrics logged after."""
+
+    def __init__(self, store: Store, dirs: Iterable[PushedDir], *, mlflow_run_id: str | None = None) -> None:
         self.store = store
         self.dirs = list(dirs)
-        self._pushed: dict[Path, tuple[int, int]] = {}
-        """(size, mtime) of each file as last uploaded, or as found at start where the store already has it."""
+        self.mlflow_run_id = mlflow_run_id
+        self._training_ended = False
+        self._pushed: dict[Path, tuple[int, int, str]] = {}
+        """`_signature` of each file as last uploaded, or as found at start where the store already has it."""
         self._earlier: set[str] = set()
         for pushed in self.dirs:
             try:
@@ -233,8 +242,11 @@ class PushTrackerFiles(TrainerCallback):
         for pushed in self.dirs:
             try:
                 for path, key in self._files(pushed):
-                    signature = _signature(path)
-                    if self._pushed.get(path) == signature or (not pushed.replace and key in self._earlier):
+                    signature, last = _signature(path), self._pushed.get(path)
+                    if last == signature or (not pushed.replace and key in self._earlier):
+                        continue
+                    if last is not None and signature[2] and (last[0], last[2]) == (signature[0], signature[2]):
+                        self._pushed[path] = signature  # rewritten, same bytes: MLflow's params on each start
                         continue
                     self.store.upload_file(path, key)
                     self._pushed[path] = signature
@@ -258,10 +270,35 @@ class PushTrackerFiles(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # transformers' tracker callbacks come first: TensorBoard's writer is closed, MLflow's run ended.
-        if state.is_world_process_zero:
-            self.push("end")
+        if not state.is_world_process_zero:
+            return
+        self._training_ended = True
+        if self.mlflow_run_id:  # MLflow's start_run (called for metrics logged without a run) resumes this id
+            os.environ["MLFLOW_RUN_ID"] = self.mlflow_run_id
+        self.push("end")
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Called after the evaluation's metrics were logged; evaluations during training wait for a checkpoint.
+        if not (state.is_world_process_zero and self._training_ended):
+            return
+        if self.mlflow_run_id:
+            _end_mlflow_run()
+        self.push("final evaluation")
 
 
-def _signature(path: Path) -> tuple[int, int]:
+def _end_mlflow_run() -> None:
+    try:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.end_run()
+        os.environ.pop("MLFLOW_RUN_ID", None)
+    except Exception as exc:
+        log.warning("mlflow_end_run_failed", error=str(exc))
+
+
+def _signature(path: Path) -> tuple[int, int, str]:
+    """(size, mtime, digest): the digest is read only for small files (a tracker's text files, not event files)."""
     stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.st_size <= SMALL_FILE else ""
+    return stat.st_size, stat.st_mtime_ns, digest
