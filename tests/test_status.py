@@ -117,3 +117,14 @@ def test_a_malformed_lease_reads_as_not_live(tmp_path: Path) -> None:
         report = run_status(store)
         assert report["phase"] == "not-started" and report["lease"]["live"] is False, body
         assert "malformed" in report["lease"]["holder"] or body.startswith(b'{"holder": "x", "heartbeat": NaN')
+
+
+def test_a_run_that_failed_before_recording_its_config_reads_as_failed_not_missing(tmp_path: Path) -> None:
+    """A driver too old (71) or a bad path fails before config.resolved.yaml: CI polling must see `failed`."""
+    store = open_store(str(tmp_path / "runs" / "early"))
+    with pytest.raises(InputNotFound):
+        run_status(store)
+    record_failure(store, 71, "the node's NVIDIA driver supports CUDA 12.8; this image needs 13.0")
+    report = run_status(store)
+    assert report["phase"] == "failed"
+    assert report["failure"]["exit_code"] == 71

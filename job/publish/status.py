@@ -44,7 +44,7 @@ def run_status(store: Store, now: float | None = None) -> dict[str, Any]:
     final = store.read_manifest(FINAL_PREFIX)
     steps = read_step_metrics(store)
     failure = _read_json(store, FAILURE_KEY)
-    if config is None and lease is None and not committed and not steps and final is None:
+    if config is None and lease is None and not committed and not steps and final is None and failure is None:
         raise InputNotFound(f"no run at {store.uri}", hint="check run.output and run.name")
 
     checkpoints = []
