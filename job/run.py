@@ -277,6 +277,7 @@ class TrainingRun:
     def build_trainer(self) -> None:
         from job.train.callbacks import CheckpointCallback, StopAtFinalStep
         from job.train.fastpath import checkpointing_callback
+        from job.train.trackers import configure_trackers
         from job.train.trainer import build_trainer
 
         ranks = self.group.ranks
@@ -300,6 +301,8 @@ class TrainingRun:
             lease_lost,
             self.group,
         )
+        # Before the Trainer reads them: the trackers' directories under scratch and the run ids they resume.
+        trackers = configure_trackers(self.config, self.work, self.store, is_main=ranks.is_main)
         self.trainer, self.step_metrics = build_trainer(
             self.config,
             self.model,
@@ -313,6 +316,7 @@ class TrainingRun:
                 checkpoints,
                 checkpointing_callback(self.fast),  # the exact layers that keep their activations
                 *([self.compile_callback] if self.compile_callback else []),
+                *trackers,  # rank 0: TensorBoard's event files (and a local MLflow store) to logs/
             ],
             sink=self.metrics_log.add,
             flops_budget=self.flops_budget(),

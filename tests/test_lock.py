@@ -95,7 +95,7 @@ def test_image_python_satisfies_requires_python():
     assert image_python() >= (int(minimum.group(1)), int(minimum.group(2)))
 
 
-IMAGE_EXTRAS = ("liger",)
+IMAGE_EXTRAS = ("liger", "tensorboard", "mlflow", "wandb")
 """Extras the Dockerfile's `uv sync --extra` installs (tests/test_dockerfile.py checks the flag)."""
 
 
