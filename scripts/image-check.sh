@@ -14,7 +14,6 @@
 # What it cannot prove: the real CUDA base (Ubuntu 24.04, python 3.12) and anything on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO=$PWD
 WORK=${IMAGE_CHECK_DIR:-/var/tmp/sft-image-check}
 TAG=${IMAGE_CHECK_TAG:-localhost/sft-job:image-check}
 CA_BUNDLE=${IMAGE_CHECK_CA_BUNDLE:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
@@ -103,7 +102,7 @@ build() { # build LOG [extra podman build args]: seconds on stdout
     fi
     echo $(($(date +%s) - t0))
 }
-layers() { "${PODMAN[@]}" image inspect --format '{{range .RootFS.Layers}}{{println .}}{{end}}' "$TAG"; }
+layers() { "${PODMAN[@]}" image inspect --format '{{range .RootFS.Layers}}{{println .}}{{end}}' "$TAG" | grep .; }
 
 # podman 4.3 does not key a RUN's cache on its bind-mounted files (uv.lock): the first build takes no cache.
 say "cold build (--no-cache): $TAG"

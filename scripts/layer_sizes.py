@@ -6,8 +6,9 @@ stage and moves the files of the CUDA group (torch, triton, nvidia-*, cuda-*) ou
 a tree of their own, so the runtime stage copies them as a layer that changes only when torch does.
 `estimate` (the default) reads uv.lock, walks the packages the image installs for its extras and
 prints each layer's compressed size: the sum of the locked wheels' `size` (a wheel is a zip, a
-layer a gzip tar of the same files, so the two are close). The project layer is measured by
-gzipping the files the Dockerfile copies; the apt layer is the figure measured by `make image-check`.
+layer a gzip tar of the same files, so the two are close; the bytecode uv compiles in the build comes on
+top). The project layer is measured by gzipping the files the Dockerfile copies; the apt layer is the
+figure measured on the image `make image-check` builds.
 
     python scripts/layer_sizes.py [--python 3.12] [--extra liger ...]
     python scripts/layer_sizes.py split /opt/venv /layers/cuda     # in the builder stage
@@ -29,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE_EXTRAS = ("liger", "tensorboard", "mlflow", "wandb")  # the Dockerfile's `uv sync --extra ...`
 PROJECT_FILES = ("job", "entrypoint.py", "examples")  # the runtime stage's COPYs from the context
 # Runtime-stage apt layer (python3, python3-dev, gcc, libc6-dev, tini, ca-certificates): not in uv.lock.
-# Measured with `podman history` by `make image-check` on its Debian bookworm stand-in base; Ubuntu
-# 24.04's packages are of the same size class (not measured here: no registry access).
-APT_LAYER_MB = 75.0
+# Measured on the image `make image-check` builds (Debian bookworm stand-in base): 441 MB, 205 MB as
+# gzip -6 of the layer's files. Ubuntu 24.04's packages are of the same size class (not measured here).
+APT_LAYER_MB = 205.0
 
 
 def in_cuda_group(name: str) -> bool:
@@ -174,7 +175,7 @@ def estimate(lock_path: Path, python: tuple[int, int], extras: tuple[str, ...]) 
         return f"{len(members)} wheels; largest " + ", ".join(f"{n} {s / 1e6:.0f}" for n, s in top)
 
     return [
-        ("apt (tini, python3, gcc)", APT_LAYER_MB, "measured by make image-check (Debian stand-in)"),
+        ("apt (tini, python3, gcc)", APT_LAYER_MB, "measured: gzip of the layer built by make image-check"),
         ("deps: torch + CUDA wheels", sum(s for _, s in groups["cuda"]) / 1e6, describe(groups["cuda"])),
         ("deps: everything else", sum(s for _, s in groups["deps"]) / 1e6, describe(groups["deps"])),
         ("project (job/, entrypoint, examples)", project_layer_bytes(lock_path.parent) / 1e6, "gzip of the files"),
@@ -197,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if count else 1
     python = tuple(int(part) for part in args.python.split(".")[:2])
     rows = estimate(args.lock, python, tuple(args.extra or IMAGE_EXTRAS))
-    print(f"| layer (CPython {args.python}, linux x86_64) | compressed MB | basis |")
+    print(f"| layer (CPython {args.python}, linux x86_64) | compressed MB (wheels) | basis |")
     print("|---|---:|---|")
     for name, size, basis in rows:
-        print(f"| {name} | {size:,.0f} | {basis} |")
-    print(f"| total (without the CUDA base image) | {sum(r[1] for r in rows):,.0f} | |")
+        print(f"| {name} | {size:,.{0 if size >= 10 else 1}f} | {basis} |")
+    print(f"| total (without the CUDA base image, without bytecode) | {sum(r[1] for r in rows):,.0f} | |")
     return 0
 
 
