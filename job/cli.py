@@ -129,6 +129,9 @@ def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool,
 
     def action(config: JobConfig) -> int:
         from job.data.prepare import validate as run_validate
+        from job.publish.hub_push import check_hub_push
+
+        check_hub_push(config)  # what train would refuse (64) before its first step, refused here too
 
         report = run_validate(config, show=show)
         if as_json:

@@ -204,3 +204,35 @@ def test_an_unreachable_hub_is_retryable(hub_env, published, tmp_path, monkeypat
     with pytest.raises(StorageUnavailable, match="cannot reach the Hub") as info:
         push_final_to_hub(config_for(), store, staging, tmp_path / "scratch")
     assert info.value.exit_code == 69 and TOKEN not in str(info.value)
+
+
+@pytest.mark.slow
+def test_the_job_pushes_after_its_store_commit_and_a_later_start_does_not_push_again(
+    hub, tiny_model_dir, tmp_path
+) -> None:
+    """Through the entrypoint: validate refuses a push it could not make; train commits final/ to the store, then
+    pushes exactly it; a start that finds the run complete leaves the Hub alone."""
+    from conftest import cpu_run_args, run_job
+
+    online = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint}
+    args = cpu_run_args(
+        tmp_path, tiny_model_dir, "pushed", "--set", f"publish.hub_repo={REPO}", "--set", "train.max_steps=4"
+    )
+    refused = run_job("validate", *args[1:], env={**online, "HF_TOKEN": ""})
+    assert refused.returncode == 64, refused.stderr[-2000:]
+    assert "HF_TOKEN" in refused.stderr
+
+    first = run_job(*args, env={**online, "HF_TOKEN": TOKEN})
+    assert first.returncode == 0, first.stderr[-3000:]
+    store = LocalStore(tmp_path / "outputs" / "pushed")
+    assert hub.repos[REPO].files == manifest_files(store) and hub.repos[REPO].private
+    assert json.loads(store.read_bytes(REPORT_KEY))["commit"] == hub.repos[REPO].sha
+    events = [line.get("event") for line in first.lines]
+    assert events.index("final_published") < events.index("hub_push_done")
+    assert TOKEN not in first.stderr + first.stdout
+
+    commits = hub.commit_count(REPO)
+    again = run_job(*args, env={**online, "HF_TOKEN": TOKEN})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.events("already_complete") and not again.events("hub_push_started")
+    assert hub.commit_count(REPO) == commits
