@@ -137,7 +137,8 @@ def rerun_and_twin(reference_run, tiny_model_dir) -> tuple[dict, JobResult, JobR
     _, run_dir = reference_run
     tmp = run_dir.parent.parent
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
-    twin = JobProcess(*cpu_run_args(tmp, tiny_model_dir, "twin"))
+    # The twin also reports to TensorBoard: the same weights, and its event files must reach the store.
+    twin = JobProcess(*cpu_run_args(tmp, tiny_model_dir, "twin", "--set", "train.report_to=[tensorboard]"))
     again = run_job(*cpu_run_args(tmp, tiny_model_dir, "reference"))
     return before, again, twin.result()
 
@@ -164,6 +165,20 @@ def test_same_seed_gives_bitwise_identical_weights(reference_run, rerun_and_twin
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert all(first[k].dtype == torch.float32 for k in first)
     assert not all(torch.equal(first[k], base[k]) for k in first)  # it did train
+
+
+def test_tensorboard_event_files_of_a_real_run_reach_the_stores_logs(reference_run, rerun_and_twin) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = reference_run
+    twin = rerun_and_twin[2]
+    assert twin.returncode == 0, twin.stderr[-3000:]
+    starts = sorted((run_dir.parent / "twin" / "logs" / "tensorboard").iterdir())
+    assert len(starts) == 1
+    events = EventAccumulator(str(starts[0]))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [4, 8, 12, 16, 20, 24]
+    assert not (run_dir / "logs" / "tensorboard").exists()  # report_to none: nothing
 
 
 def test_the_card_names_each_source_and_its_token_share() -> None:
