@@ -134,7 +134,7 @@ check "Trainer CRD schemas (transcribed) + Kubernetes $("$BIN/python" -c 'import
   "$BIN/python" k8s/kubeflow/validate.py --require-k8s
 
 # ------------------------------------------------------------------ scripts and CI examples
-check "shellcheck" "$BIN/shellcheck" scripts/submit-run.sh .ci/deploy-checks.sh
+check "shellcheck" "$BIN/shellcheck" scripts/submit-run.sh scripts/image-check.sh .ci/deploy-checks.sh .ci/run
 shopt -s nullglob
 workflows=(examples/ci/github-*.yml)
 if [[ ${#workflows[@]} -gt 0 ]]; then
