@@ -215,7 +215,7 @@ def _map_error(exc: BaseException, hub: HubUri, offline: bool, cache: Path) -> J
     from huggingface_hub import errors
 
     where = f"{hub.repo}@{hub.revision}" if hub.revision else hub.repo
-    causes = list(_chain(exc))
+    causes = list(exception_chain(exc))
     # What the Hub answered wins over how the library wrapped it (a 503 inside "cannot resolve revision").
     for cause in causes:
         answered = _answer(cause, hub, where)
@@ -231,7 +231,7 @@ def _map_error(exc: BaseException, hub: HubUri, offline: bool, cache: Path) -> J
     for cause in causes:
         if isinstance(cause, unreachable) or type(cause).__module__.startswith(("httpx", "httpcore")):
             return StorageUnavailable(
-                f"cannot reach the Hub for dataset {where}: {_first_line(cause)}",
+                f"cannot reach the Hub for dataset {where}: {first_line(cause)}",
                 hint="check the network and HF_ENDPOINT; a retry may succeed",
             )
     return None
@@ -259,7 +259,7 @@ def _answer(cause: BaseException, hub: HubUri, where: str) -> JobError | None:
             hint=f"check OWNER/NAME in {SYNTAX}; a private dataset needs HF_TOKEN with read access",
         )
     if isinstance(cause, errors.RemoteEntryNotFoundError):
-        return InputNotFound(f"a file of Hub dataset {where} is gone: {_first_line(cause)}")
+        return InputNotFound(f"a file of Hub dataset {where} is gone: {first_line(cause)}")
     if isinstance(cause, errors.HfHubHTTPError) and cause.response is not None:
         status = cause.response.status_code
         if status in (401, 403):
@@ -273,12 +273,14 @@ def _answer(cause: BaseException, hub: HubUri, where: str) -> JobError | None:
     return None
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line, shortened: what an error message quotes of a library's failure."""
     text = str(exc).strip()
     return shorten(text.splitlines()[0] if text else type(exc).__name__, limit)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and each cause or context under it, once each (a library's wrapped HTTP error)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:

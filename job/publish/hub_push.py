@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from job.config.schema import JobConfig
+from job.data.hub import exception_chain, first_line
 from job.errors import AccessDenied, ConfigError, JobError, StorageUnavailable
-from job.logs import get_logger, shorten
+from job.logs import get_logger
 from job.publish.export import FINAL_PREFIX, PICKLE_SUFFIXES
 from job.storage import Store, join_key
 from job.storage.manifest import MANIFEST_NAME, FileEntry, Manifest, verify_directory
@@ -229,7 +230,7 @@ def _hub_errors(repo: str, token: str) -> Iterator[None]:
 def _map_error(exc: BaseException, repo: str) -> JobError | None:
     from huggingface_hub import errors
 
-    causes = list(_chain(exc))
+    causes = list(exception_chain(exc))
     scope = TOKEN_SCOPE.format(repo=repo)
     for cause in causes:
         if isinstance(cause, errors.RepositoryNotFoundError):  # the Hub's answer to a token that cannot see it
@@ -239,7 +240,7 @@ def _map_error(exc: BaseException, repo: str) -> JobError | None:
             if status in (401, 403):
                 what = "rejected HF_TOKEN" if status == 401 else "refused HF_TOKEN write access"
                 return AccessDenied(
-                    f"the Hub {what} for model repo {repo} (HTTP {status}): {_first_line(cause)}",
+                    f"the Hub {what} for model repo {repo} (HTTP {status}): {first_line(cause)}",
                     hint=f"set HF_TOKEN to {scope}; a repo owned by another account needs its owner to grant you write",
                 )
             if status == 429 or status >= 500:
@@ -247,27 +248,13 @@ def _map_error(exc: BaseException, repo: str) -> JobError | None:
                     f"the Hub failed while pushing to {repo} (HTTP {status}) after huggingface_hub's retries",
                     hint="final/ is safe in run.output; the next start pushes again",
                 )
-            return JobError(f"the Hub refused the push to {repo} (HTTP {status}): {_first_line(cause)}")
+            return JobError(f"the Hub refused the push to {repo} (HTTP {status}): {first_line(cause)}")
     for cause in causes:
         if isinstance(cause, (ConnectionError, TimeoutError)) or type(cause).__module__.startswith(
             ("httpx", "httpcore")
         ):
             return StorageUnavailable(
-                f"cannot reach the Hub to push to {repo}: {_first_line(cause)}",
+                f"cannot reach the Hub to push to {repo}: {first_line(cause)}",
                 hint="check the network and HF_ENDPOINT; final/ is safe in run.output and the next start pushes again",
             )
     return None
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip()
-    return shorten(text.splitlines()[0] if text else type(exc).__name__, limit)
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
