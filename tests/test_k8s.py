@@ -470,10 +470,16 @@ def test_on_demand_eks_stays_off_spot():
         assert any(rule in term for rule in on_demand), f"EKS term that could land on spot: {term}"
 
 
-def test_gke_scratch_nodes_have_local_ssd_ephemeral_storage():
+def test_gke_prefers_nodes_with_local_ssd_ephemeral_storage_without_requiring_them():
+    local_ssd = {"key": "cloud.google.com/gke-ephemeral-storage-local-ssd", "operator": "In", "values": ["true"]}
     for overlay in ("overlays/gke", "overlays/spot-gke"):
-        (term,) = node_terms(the_job(render(overlay)))
-        assert {"key": "cloud.google.com/gke-ephemeral-storage-local-ssd", "operator": "In", "values": ["true"]} in term
+        job = the_job(render(overlay))
+        (term,) = node_terms(job)
+        assert local_ssd not in term  # a pool without the label must still schedule, not stay Pending
+        preferred = job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+            "preferredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert [p["preference"]["matchExpressions"] for p in preferred] == [[local_ssd]]
 
 
 @pytest.mark.parametrize(
