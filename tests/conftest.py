@@ -132,6 +132,28 @@ def tokenizer(tiny_model_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+def tiny_job_trainer(config, model_dir: Path, output_dir: Path, callbacks: list, *, evaluation: bool = False):
+    """A real JobTrainer on the tiny model (CPU, float32) over 16 seeded rows, as job/run.py builds one; with
+    `evaluation`, the first 4 rows are its eval set."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from job.model.load import ModelSource, load_tokenizer
+    from job.train.fastpath import choose_fast_path, detect_device
+    from job.train.trainer import build_trainer
+
+    torch.manual_seed(0)
+    rows = [list(range(5 + i, 5 + i + 12 + i % 5)) for i in range(16)]
+    dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": [[-100, *r[1:]] for r in rows]})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(ModelSource(str(model_dir), "local", None), config.model)
+    fast = choose_fast_path(config, detect_device("cpu"))
+    held_out = dataset.select(range(4)) if evaluation else None
+    trainer, _ = build_trainer(config, model, tokenizer, dataset, held_out, output_dir, fast, extra_callbacks=callbacks)
+    return trainer
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_job_trainer
 from job.cli import main
 from job.config.load import load_config
 from job.storage.local import LocalStore
@@ -63,25 +64,8 @@ def digests(root: Path) -> dict[str, str]:
 def train_once(config, model_dir: Path, work: Path, store: LocalStore) -> None:
     """One start as job/run.py makes it: configure the trackers, a real JobTrainer for `train.max_steps` steps,
     then the final evaluation (logged after training has ended)."""
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from job.model.load import ModelSource, load_tokenizer
-    from job.train.fastpath import choose_fast_path, detect_device
-    from job.train.trainer import build_trainer
-
     callbacks = configure_trackers(config, work, store)
-    torch.manual_seed(0)
-    rows = [list(range(5 + i, 5 + i + 12 + i % 5)) for i in range(16)]
-    dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": [[-100, *r[1:]] for r in rows]})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = load_tokenizer(ModelSource(str(model_dir), "local", None), config.model)
-    fast = choose_fast_path(config, detect_device("cpu"))
-    evaluation = dataset.select(range(4))
-    trainer, _ = build_trainer(
-        config, model, tokenizer, dataset, evaluation, work / "trainer", fast, extra_callbacks=callbacks
-    )
+    trainer = tiny_job_trainer(config, model_dir, work / "trainer", callbacks, evaluation=True)
     trainer.train()
     trainer.evaluate()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_job_trainer
 from job.config.load import load_config
 from job.errors import ConfigError
 from job.train import fastpath
@@ -108,14 +109,6 @@ def test_step_records_take_trainers_grad_norm_and_lr_each_step(tmp_path: Path, t
 
 def tiny_trainer(tmp_path: Path, model_dir: Path, *overrides: str, callbacks: list | None = None):
     """A real JobTrainer on the tiny model (CPU, float32, the default optimizer), saving every 2 steps."""
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from job.model.load import ModelSource, load_tokenizer
-    from job.train.fastpath import choose_fast_path, detect_device
-    from job.train.trainer import build_trainer
-
     config = load_config(
         None,
         [
@@ -128,16 +121,7 @@ def tiny_trainer(tmp_path: Path, model_dir: Path, *overrides: str, callbacks: li
         ],
         environ={},
     )
-    torch.manual_seed(0)
-    rows = [list(range(5 + i, 5 + i + 12 + i % 5)) for i in range(16)]
-    dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": [[-100, *r[1:]] for r in rows]})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = load_tokenizer(ModelSource(str(model_dir), "local", None), config.model)
-    fast = choose_fast_path(config, detect_device("cpu"))
-    trainer, _ = build_trainer(
-        config, model, tokenizer, dataset, None, tmp_path / "trainer", fast, extra_callbacks=callbacks or []
-    )
-    return trainer
+    return tiny_job_trainer(config, model_dir, tmp_path / "trainer", callbacks or [])
 
 
 def sha256s(directory: Path) -> dict[str, str]:
