@@ -128,10 +128,13 @@ def validate(config_path: str | None, overrides: tuple[str, ...], as_json: bool,
     """Check the config and every data record (file:line on errors); loads no weights, trains nothing."""
 
     def action(config: JobConfig) -> int:
+        from job.config.trackers import check_tracker_credentials
         from job.data.prepare import validate as run_validate
         from job.publish.hub_push import check_hub_push
 
-        check_hub_push(config)  # what train would refuse (64) before its first step, refused here too
+        # What train refuses (64) before its first step is refused here too.
+        check_hub_push(config)
+        check_tracker_credentials(config.train.extra.get("report_to"))
 
         report = run_validate(config, show=show)
         if as_json:

@@ -24,6 +24,7 @@ import torch
 
 from job.config.load import to_yaml
 from job.config.schema import JobConfig, scratch_dir
+from job.config.trackers import check_tracker_credentials
 from job.data.prepare import Prepared, prepare
 from job.dist.group import Group
 from job.durability.checkpoints import (
@@ -121,7 +122,9 @@ class TrainingRun:
     def execute(self) -> dict[str, Any]:
         try:
             check_driver(torch.version.cuda)  # every rank, before torch touches CUDA: 71 if the driver is too old
-            check_hub_push(self.config)  # 64 now, not after hours of training, when the push cannot happen
+            # 64 now, not after the pull (W&B's login) or hours of training (the push), when they cannot work:
+            check_hub_push(self.config)
+            check_tracker_credentials(self.config.train.extra.get("report_to"))
             self.join_ranks()
             if self.already_complete("final check"):
                 return self.push_to_hub(None)

@@ -581,6 +581,7 @@ def test_no_literal_secrets(overlay):
     hf = [e for e in container["env"] if e["name"] == "HF_TOKEN"]
     assert hf and hf[0]["valueFrom"]["secretKeyRef"]["optional"] is True
     assert {"secretRef": {"name": "sft-job-s3", "optional": True}} in container["envFrom"]
+    assert {"secretRef": {"name": "sft-job-trackers", "optional": True}} in container["envFrom"]  # W&B, MLflow keys
     text = _render_text(overlay)
     assert not re.search(r"AKIA[0-9A-Z]{16}|hf_[A-Za-z0-9]{30,}|aws_secret_access_key", text, re.IGNORECASE)
 

@@ -236,3 +236,33 @@ def test_validate_refuses_a_tracker_that_is_not_installed_with_64(tmp_path: Path
         main(["validate", "--set", "data.train=train.jsonl", "--set", "train.report_to=[tensorboard,comet_ml]", *where])
     assert info.value.code == 64
     assert "comet_ml" in capsys.readouterr().err
+
+
+def test_wandb_online_without_credentials_is_refused_before_anything_is_pulled(tmp_path: Path, capsys) -> None:
+    """W&B's login would fail when the Trainer starts it (exit 1, retried): refused at validate (64) instead, unless
+    a key, a ~/.netrc entry for the W&B host, or an offline mode is there."""
+    from job.config.trackers import check_tracker_credentials
+    from job.errors import ConfigError
+
+    home = tmp_path / "home"
+    home.mkdir()
+    bare = {"HOME": str(home)}
+    with pytest.raises(ConfigError, match="WANDB_API_KEY"):
+        check_tracker_credentials(["tensorboard", "wandb"], bare)
+    check_tracker_credentials(["tensorboard"], bare)  # nothing to log in to
+    check_tracker_credentials(["wandb"], {**bare, "WANDB_API_KEY": "k" * 40})
+    check_tracker_credentials(["wandb"], {**bare, "WANDB_MODE": "offline"})
+    (home / ".netrc").write_text("machine wandb.example.com\n  login user\n  password " + "p" * 40 + "\n")
+    with pytest.raises(ConfigError, match=r"api\.wandb\.ai"):  # an entry for another host is not a W&B login
+        check_tracker_credentials(["wandb"], bare)
+    check_tracker_credentials(["wandb"], {**bare, "WANDB_BASE_URL": "https://wandb.example.com"})
+
+    where = ["--set", f"run.scratch={tmp_path / 's'}", "--set", f"run.output={tmp_path / 'o'}"]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HOME", str(tmp_path / "nobody"))
+        for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+            env.delenv(name, raising=False)
+        with pytest.raises(SystemExit) as info:
+            main(["validate", "--set", "data.train=train.jsonl", "--set", "train.report_to=[wandb]", *where])
+    assert info.value.code == 64
+    assert "no W&B credentials" in capsys.readouterr().err

@@ -7,7 +7,12 @@ by a Kubernetes Job, each after the data and the model were pulled again.
 
 from __future__ import annotations
 
+import netrc
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from job.errors import ConfigError
 from job.logs import shorten
@@ -60,3 +65,32 @@ def check_trackers(report_to: Any) -> None:
             hint=f"install it (pip install {packages}; the image ships the extras tensorboard, mlflow and wandb), "
             "or set train.report_to: none",
         )
+
+
+WANDB_OFFLINE_MODES = ("offline", "disabled", "dryrun")
+WANDB_HOST = "https://api.wandb.ai"
+
+
+def check_tracker_credentials(report_to: Any, environ: Mapping[str, str] = os.environ) -> None:
+    """ConfigError (64) for W&B online without credentials: W&B's login would fail when the Trainer starts it, after
+    the data and the model were pulled, as exit 1, retried six times by a Kubernetes Job.
+
+    Credentials are `WANDB_API_KEY` or a `~/.netrc` entry for the W&B host (`wandb login`); offline and disabled
+    modes need none. Read from the environment at `validate` and at the start of `train`, not at config load."""
+    if "wandb" not in tracker_names(report_to):
+        return  # `all` takes only what works; TensorBoard and a file MLflow store need no key
+    if environ.get("WANDB_MODE", "").strip().lower() in WANDB_OFFLINE_MODES or environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(environ.get("WANDB_BASE_URL") or WANDB_HOST).hostname or ""
+    path = environ.get("NETRC") or str(Path(environ.get("HOME") or Path.home()) / ".netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass  # no ~/.netrc, or one W&B could not read either
+    raise ConfigError(
+        f"train.report_to names wandb, but there are no W&B credentials "
+        f"(no WANDB_API_KEY, no ~/.netrc entry for {host})",
+        hint="set WANDB_API_KEY (on Kubernetes: the sft-job-trackers Secret), or WANDB_MODE=offline to keep the "
+        "run's W&B files on scratch",
+    )
