@@ -305,7 +305,7 @@ class TrainingRun:
             self.group,
         )
         # Before the Trainer reads them: the trackers' directories under scratch and the run ids they resume.
-        trackers = configure_trackers(self.config, self.work, self.store, is_main=ranks.is_main)
+        trackers = configure_trackers(self.config, self.work, self.store, is_main=ranks.is_main, fence=self.fence)
         self.trainer, self.step_metrics = build_trainer(
             self.config,
             self.model,

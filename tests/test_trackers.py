@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_job_trainer
 from job.cli import main
 from job.config.load import load_config
+from job.errors import LeaseLost
 from job.storage.local import LocalStore
 from job.train.trackers import (
     ENV_VARS,
@@ -228,6 +229,13 @@ def test_push_never_overwrites_an_earlier_starts_file_and_never_raises(tmp_path:
 
     (local / "events.3").write_bytes(b"x")
     assert PushTrackerFiles(Broken(tmp_path / "out"), push.dirs).push("end") == 0
+
+    def lease_lost() -> None:
+        raise LeaseLost("another process holds the run's lease now")
+
+    fenced = PushTrackerFiles(store, push.dirs, fence=lease_lost)
+    assert fenced.push("checkpoint") == 0 and not store.exists(f"{TENSORBOARD_PREFIX}/events.3")
+    assert PushTrackerFiles(store, push.dirs, fence=lambda: None).push("checkpoint") == 1  # the lease held
 
 
 def test_validate_refuses_a_tracker_that_is_not_installed_with_64(tmp_path: Path, capsys) -> None:

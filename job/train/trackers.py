@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,10 +84,16 @@ def tracker_run_id(run_uri: str, name: str) -> str:
 
 
 def configure_trackers(
-    config: JobConfig, work_dir: Path, store: Store, *, is_main: bool = True
+    config: JobConfig,
+    work_dir: Path,
+    store: Store,
+    *,
+    is_main: bool = True,
+    fence: Callable[[], None] | None = None,
 ) -> list[TrainerCallback]:
     """Set the trackers' environment for the Trainer about to be built; the callbacks to add to it (rank 0:
-    the push of local tracker files to `logs/`). Sets only variables the user has not set."""
+    the push of local tracker files to `logs/`, each push behind `fence`, the run's lease). Sets only variables
+    the user has not set."""
     trackers = enabled_trackers(config.train.extra.get("report_to"))
     if not trackers:
         return []
@@ -121,7 +127,9 @@ def configure_trackers(
         return []
     log.info("trackers_configured", **facts)
     mlflow_run_id = facts.get("mlflow_run_id")
-    return [PushTrackerFiles(store, pushes, mlflow_run_id=mlflow_run_id)] if pushes or mlflow_run_id else []
+    if not (pushes or mlflow_run_id):
+        return []
+    return [PushTrackerFiles(store, pushes, mlflow_run_id=mlflow_run_id, fence=fence)]
 
 
 def _default_dir(variable: str, default: Path) -> Path:
@@ -216,10 +224,20 @@ class PushTrackerFiles(TrainerCallback):
     With `mlflow_run_id`, the final evaluation's metrics go to that MLflow run too: transformers' callback has
     ended it at the end of training, and MLflow would start an unnamed run for metrics logged after."""
 
-    def __init__(self, store: Store, dirs: Iterable[PushedDir], *, mlflow_run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        dirs: Iterable[PushedDir],
+        *,
+        mlflow_run_id: str | None = None,
+        fence: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
         self.dirs = list(dirs)
         self.mlflow_run_id = mlflow_run_id
+        self.fence = fence
+        """Raises when this process may no longer write the run (its lease lost): a process that a replacement
+        has taken over must not rewrite `logs/mlflow/` under it."""
         self._training_ended = False
         self._pushed: dict[Path, tuple[int, int, str]] = {}
         """`_signature` of each file as last uploaded, or as found at start where the store already has it."""
@@ -239,6 +257,12 @@ class PushTrackerFiles(TrainerCallback):
     def push(self, when: str) -> int:
         """Upload what changed since the last push; returns how many files were uploaded."""
         uploaded = 0
+        if self.fence is not None:
+            try:
+                self.fence()
+            except Exception as exc:  # training stops on the lost lease itself; the files just stay local
+                log.warning("tracker_files_push_fenced", when=when, error=str(exc))
+                return 0
         for pushed in self.dirs:
             try:
                 for path, key in self._files(pushed):
