@@ -7,6 +7,7 @@ only `job.cli` turns them into a process exit status.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NoReturn
 
 
@@ -23,6 +24,16 @@ class JobError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and each cause or context under it, once each: a library's wrapped OSError or HTTP error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def resurface(error: BaseException, where: str) -> NoReturn:

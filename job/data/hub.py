@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from job.errors import AccessDenied, ConfigError, InputNotFound, JobError, StorageUnavailable
+from job.errors import AccessDenied, ConfigError, InputNotFound, JobError, StorageUnavailable, exception_chain
 from job.logs import get_logger, shorten
 
 __all__ = ["HUB_PREFIX", "HubDataset", "HubUri", "fetch_hub_dataset", "is_hub_uri", "parse_hub_uri"]
@@ -277,13 +277,3 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's first line, shortened: what an error message quotes of a library's failure."""
     text = str(exc).strip()
     return shorten(text.splitlines()[0] if text else type(exc).__name__, limit)
-
-
-def exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception and each cause or context under it, once each (a library's wrapped HTTP error)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from job.errors import ScratchFull
+from job.errors import ScratchFull, exception_chain
 from job.logs import get_logger
 
 log = get_logger(__name__)
@@ -94,17 +94,8 @@ def check_free_space(scratch: Path, need: int, detail: str) -> None:
         )
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and all(current is not e for e in seen):
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def _says_full(exc: BaseException) -> bool:
-    for cause in _chain(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if any(text in str(cause).lower() for text in _FULL_TEXT):
@@ -114,7 +105,7 @@ def _says_full(exc: BaseException) -> bool:
 
 def _is_write_error(exc: BaseException) -> bool:
     """An I/O failure of the kind a full disk produces (OSError, torch's and safetensors' writers)."""
-    for cause in _chain(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, OSError) or type(cause).__name__ == "SafetensorError":
             return True
         if isinstance(cause, RuntimeError) and ("inline_container" in str(cause) or "write" in str(cause).lower()):
@@ -123,7 +114,7 @@ def _is_write_error(exc: BaseException) -> bool:
 
 
 def _failed_path(exc: BaseException) -> Path | None:
-    for cause in _chain(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, OSError) and cause.filename:
             return Path(os.fsdecode(cause.filename))
     return None

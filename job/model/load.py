@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config.schema import ModelConfig, StorageConfig
-from job.errors import AccessDenied, ConfigError, InputNotFound, StorageUnavailable
+from job.errors import AccessDenied, ConfigError, InputNotFound, StorageUnavailable, exception_chain
 from job.logs import get_logger
 from job.model.tiny import BUILTIN_PREFIX, TINY_MISTRAL, ensure_tiny_model
 from job.storage import fetch_input, is_remote
@@ -82,7 +82,7 @@ def _map_hub_error(exc: BaseException, source: ModelSource) -> Exception | None:
     from huggingface_hub import errors as hub
 
     where = source.location + (f"@{source.revision}" if source.revision else "")
-    for cause in _chain(exc):
+    for cause in exception_chain(exc):
         if isinstance(cause, hub.GatedRepoError):
             return AccessDenied(f"model {where} is gated", hint="accept its terms on the Hub and set HF_TOKEN")
         if isinstance(cause, hub.RevisionNotFoundError):
@@ -136,14 +136,6 @@ def _map_hub_error(exc: BaseException, source: ModelSource) -> Exception | None:
 def _first_line(text: str, limit: int = 200) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[:limit] + "…"
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
 
 
 def _hub_kwargs(source: ModelSource, model: ModelConfig) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from job.config.schema import JobConfig
-from job.data.hub import exception_chain, first_line
-from job.errors import AccessDenied, ConfigError, JobError, StorageUnavailable
+from job.data.hub import first_line
+from job.errors import AccessDenied, ConfigError, JobError, StorageUnavailable, exception_chain
 from job.logs import get_logger
 from job.publish.export import FINAL_PREFIX, PICKLE_SUFFIXES
 from job.storage import Store, join_key
